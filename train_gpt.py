@@ -1,0 +1,2193 @@
+"""Parameter Golf trainer: train, quantise, export and score a GPT under 16,000,000 bytes.
+
+Run on 8xH100:   torchrun --standalone --nproc_per_node=8 train_gpt.py
+CPU smoke run:   PRESET=smoke python3 train_gpt.py
+Pack for submit: python3 train_gpt.py pack [OUT]   (self-extracting copy that the challenge counts)
+
+Sections, in data-flow order: config -> runtime -> data -> tokenizer/BPB -> model -> optimizers ->
+training loop -> export -> evaluation -> reporting -> main.
+"""
+
+import base64
+import copy
+import dataclasses
+import difflib
+import glob
+import hashlib
+import io
+import json
+import lzma
+import math
+import os
+import platform
+import struct
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConfigError(ValueError):
+    """A configuration, input file or environment variable is invalid; the message says how to fix it."""
+
+
+# =============================================================================================
+# CONFIG
+# =============================================================================================
+
+
+@dataclass
+class Hyperparameters:
+    """Every knob of a run; each field is overridden by the env var of the same name upper-cased."""
+
+    preset: str = "record"
+    run_id: str = ""
+    seed: int = 1337
+    data_seed: int = 0
+    log_dir: str = "logs"
+    # data
+    data_dir: str = "./data/"
+    vocab_size: int = 8192
+    train_files: str = ""
+    val_files: str = ""
+    tokenizer_path: str = ""
+    expected_val_tokens: int = 40540160
+    # model
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 4.0
+    rope_dims: int = 16
+    rope_base: float = 10000.0
+    qk_gain_init: float = 5.25
+    logit_softcap: float = 30.0
+    tied_embed_init_std: float = 0.005
+    xsa_last_n: int = 11
+    ln_scale: bool = True
+    parallel_residual_start: int = 7
+    skip_gates_enabled: bool = True
+    loop_start: int = 3
+    loop_end: int = 5
+    num_loops: int = 2
+    enable_looping_at: float = 0.35
+    # batch and schedule
+    train_seq_len: int = 2048
+    train_batch_tokens: int = 786432
+    grad_accum_base: int = 8
+    iterations: int = 20000
+    max_wallclock_seconds: float = 600.0
+    gptq_reserve_seconds: float = 12.0
+    warmdown_frac: float = 0.72
+    min_lr: float = 0.0
+    warmup_steps: int = 20
+    # optimizers
+    matrix_lr: float = 0.022
+    embed_lr: float = 0.03
+    scalar_lr: float = 0.02
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    muon_wd: float = 0.095
+    muon_row_normalize: bool = True
+    embed_wd: float = 0.085
+    adam_wd: float = 0.02
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3
+    # weight averaging
+    weight_averaging: str = "ema"
+    ema_decay: float = 0.9965
+    swa_start_frac: float = 0.6
+    swa_every: int = 50
+    # evaluation
+    val_loss_every: int = 4000
+    train_log_every: int = 500
+    eval_seq_len: int = 2048
+    eval_stride: int = 64
+    eval_batch_seqs: int = 32
+    quantized_plain_eval: bool = True
+    sliding_window_enabled: bool = True
+    eval_budget_seconds: float = 600.0
+    eval_only: str = ""
+    # test-time training
+    ttt_enabled: bool = True
+    ttt_chunk_tokens: int = 32768
+    ttt_lr: float = 0.005
+    ttt_momentum: float = 0.9
+    ttt_epochs: int = 3
+    ttt_grad_clip: float = 1.0
+    # export
+    gptq_calibration_batches: int = 64
+    gptq_block_size: int = 128
+    gptq_damp: float = 0.01
+    quant_min_numel: int = 65536
+    matrix_bits: int = 6
+    matrix_clip_sigmas: float = 12.85
+    embed_bits: int = 8
+    embed_clip_sigmas: float = 20.0
+    compressor: str = "brotli"
+    artifact_path: str = "final_model.int6.ptz"
+    size_limit_bytes: int = 16000000
+    # runtime
+    device: str = "auto"
+    compile: str = "auto"
+    attention_backend: str = "auto"
+    dry_run: bool = False
+
+
+# Values that differ from the record for the CPU smoke preset (a small model, every stage switched on).
+SMOKE_PRESET = dict(
+    vocab_size=1024, expected_val_tokens=0,
+    num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8, xsa_last_n=6,
+    parallel_residual_start=4, loop_start=1, loop_end=2, num_loops=1,
+    train_seq_len=256, train_batch_tokens=8192, grad_accum_base=2, max_wallclock_seconds=110.0,
+    gptq_reserve_seconds=4.0, warmup_steps=2, muon_momentum_warmup_steps=100, ema_decay=0.98,
+    matrix_lr=0.03, embed_lr=0.05, val_loss_every=0, train_log_every=50,
+    eval_seq_len=256, eval_stride=64, eval_batch_seqs=32, ttt_chunk_tokens=8192, ttt_lr=0.003,
+    gptq_calibration_batches=8, quant_min_numel=1024, size_limit_bytes=4000000,
+    artifact_path="logs/smoke_model.int6.ptz",
+)
+PRESETS = {"record": {}, "smoke": SMOKE_PRESET}
+
+# Env vars that belong to the launcher or the OS, never to us, even if they resemble a field.
+FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "GROUP_WORLD_SIZE"}
+# Names that other Parameter Golf scripts read and this one does not: a run command using them is wrong.
+KNOWN_ALIASES = {"DATA_PATH": "DATA_DIR (or TRAIN_FILES/VAL_FILES)", "EVAL_ONLY_PATH": "EVAL_ONLY",
+                 "TIED_EMBED_LR": "EMBED_LR", "QUANTIZED_MODEL_PATH": "ARTIFACT_PATH"}
+
+
+def parse_env_value(name, raw, typ):
+    """Parse the string `raw` of env var `name` into `typ` (bool/int/float/str); ConfigError if malformed."""
+    if typ is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={raw!r} is not a boolean: use 1/0, true/false, yes/no or on/off")
+    try:
+        return typ(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {typ.__name__}") from None
+
+
+def check_env_typos(environ):
+    """Raise ConfigError for env vars that look like a misspelt field (e.g. TTT_EPOCH) or another script's name."""
+    names = [f.name.upper() for f in dataclasses.fields(Hyperparameters)]
+    prefixes = {n.split("_")[0] for n in names}
+    for key in sorted(environ):
+        if key in names or key in FOREIGN_ENV:
+            continue
+        if key in KNOWN_ALIASES:
+            raise ConfigError(f"{key} is not read by this script; set {KNOWN_ALIASES[key]} instead")
+        if key.split("_")[0] not in prefixes:
+            continue
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(f"unknown environment variable {key}: did you mean {close[0]}? "
+                              f"(unset {key} or rename it)")
+
+
+def load_config(environ=None):
+    """Resolve Hyperparameters from defaults, PRESET and env vars (env wins); validate field types and names."""
+    environ = dict(os.environ if environ is None else environ)
+    check_env_typos(environ)
+    preset = environ.get("PRESET", "record")
+    if preset not in PRESETS:
+        raise ConfigError(f"PRESET={preset!r} is unknown; choose one of {sorted(PRESETS)}")
+    values = dict(PRESETS[preset], preset=preset)
+    for f in dataclasses.fields(Hyperparameters):
+        key = f.name.upper()
+        if key in environ and key != "PRESET":
+            values[f.name] = parse_env_value(key, environ[key], f.type)
+    cfg = Hyperparameters(**values)
+    if not cfg.run_id:
+        cfg.run_id = f"{preset}_{uuid.uuid4().hex[:12]}"
+    return cfg
+
+
+def validate_config(cfg, world_size):
+    """Raise ConfigError naming the variable when settings are inconsistent (before any work starts)."""
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.num_heads % cfg.num_kv_heads == 0,
+         f"NUM_HEADS={cfg.num_heads} must be a multiple of NUM_KV_HEADS={cfg.num_kv_heads}")
+    need(cfg.model_dim % cfg.num_heads == 0,
+         f"MODEL_DIM={cfg.model_dim} must be divisible by NUM_HEADS={cfg.num_heads}")
+    head_dim = cfg.model_dim // cfg.num_heads
+    need(cfg.rope_dims % 2 == 0 and 0 < cfg.rope_dims <= head_dim,
+         f"ROPE_DIMS={cfg.rope_dims} must be even and in 2..head_dim={head_dim}")
+    need(cfg.num_layers >= 2, f"NUM_LAYERS={cfg.num_layers} must be at least 2")
+    if cfg.num_loops > 0:
+        need(0 <= cfg.loop_start <= cfg.loop_end < cfg.num_layers,
+             f"LOOP_START={cfg.loop_start}..LOOP_END={cfg.loop_end} must lie inside 0..{cfg.num_layers - 1}")
+    need(cfg.num_loops >= 0, f"NUM_LOOPS={cfg.num_loops} must be >= 0")
+    need(0 <= cfg.xsa_last_n <= cfg.num_layers, f"XSA_LAST_N={cfg.xsa_last_n} must be in 0..{cfg.num_layers}")
+    need(cfg.grad_accum_base % world_size == 0,
+         f"world size {world_size} must divide GRAD_ACCUM_BASE={cfg.grad_accum_base} "
+         f"(launch with a divisor of it, or change GRAD_ACCUM_BASE)")
+    need(cfg.train_batch_tokens % (cfg.grad_accum_base * cfg.train_seq_len) == 0,
+         f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must be a multiple of "
+         f"GRAD_ACCUM_BASE*TRAIN_SEQ_LEN={cfg.grad_accum_base * cfg.train_seq_len}")
+    need(0 < cfg.eval_stride <= cfg.eval_seq_len,
+         f"EVAL_STRIDE={cfg.eval_stride} must be in 1..EVAL_SEQ_LEN={cfg.eval_seq_len}")
+    need(cfg.ttt_chunk_tokens % cfg.eval_seq_len == 0,
+         f"TTT_CHUNK_TOKENS={cfg.ttt_chunk_tokens} must be a multiple of EVAL_SEQ_LEN={cfg.eval_seq_len}")
+    need(cfg.weight_averaging in ("ema", "swa", "none"),
+         f"WEIGHT_AVERAGING={cfg.weight_averaging!r} must be ema, swa or none")
+    need(cfg.compressor in ("brotli", "zstd"), f"COMPRESSOR={cfg.compressor!r} must be brotli or zstd")
+    need(2 <= cfg.matrix_bits <= 8 and 2 <= cfg.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must be in 2..8")
+    need(cfg.compile in ("auto", "0", "1"), f"COMPILE={cfg.compile!r} must be auto, 0 or 1")
+    need(cfg.attention_backend in ("auto", "fa3", "fa2", "sdpa", "reference"),
+         f"ATTENTION_BACKEND={cfg.attention_backend!r} must be auto, fa3, fa2, sdpa or reference")
+    need(cfg.device in ("auto", "cpu", "cuda"), f"DEVICE={cfg.device!r} must be auto, cpu or cuda")
+    need(0.0 <= cfg.warmdown_frac <= 1.0, f"WARMDOWN_FRAC={cfg.warmdown_frac} must be in [0, 1]")
+    need(cfg.max_wallclock_seconds == 0 or cfg.max_wallclock_seconds > cfg.gptq_reserve_seconds,
+         f"MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds} must exceed GPTQ_RESERVE_SECONDS")
+    need(cfg.vocab_size <= 65536, f"VOCAB_SIZE={cfg.vocab_size} must fit uint16 shards (<= 65536)")
+
+
+def data_paths(cfg):
+    """Return (train_glob, val_glob, tokenizer_path) derived from DATA_DIR/VOCAB_SIZE unless overridden."""
+    root = Path(cfg.data_dir)
+    if cfg.preset == "smoke":
+        dataset, tok = f"smoke_stdlib_sp{cfg.vocab_size}", f"smoke_stdlib_{cfg.vocab_size}_bpe.model"
+    else:
+        dataset, tok = f"fineweb10B_sp{cfg.vocab_size}", f"fineweb_{cfg.vocab_size}_bpe.model"
+    train = cfg.train_files or str(root / "datasets" / dataset / "fineweb_train_*.bin")
+    val = cfg.val_files or str(root / "datasets" / dataset / "fineweb_val_*.bin")
+    return train, val, cfg.tokenizer_path or str(root / "tokenizers" / tok)
+
+
+# =============================================================================================
+# RUNTIME: the one place that chooses device, dtypes, attention backend, compile and process group
+# =============================================================================================
+
+FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}
+_FLASH = {}  # backend name -> imported module providing flash_attn_func
+
+
+@dataclass
+class Runtime:
+    """Resolved execution environment: device, dtypes, distributed ranks and fast-path switches."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    compute_dtype: torch.dtype = torch.float32
+    embed_dtype: torch.dtype = torch.float32
+    ns_dtype: torch.dtype = torch.float32
+    attention_backend: str = "sdpa"
+    compile: bool = False
+
+    @property
+    def distributed(self):
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        """True on the rank that writes logs and artifacts."""
+        return self.rank == 0
+
+    @property
+    def is_cuda(self):
+        """True when running on a CUDA device."""
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        """Autocast context for forward passes (bf16 on CUDA, no-op on CPU)."""
+        if self.compute_dtype == torch.float32:
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+
+    def sync(self):
+        """Wait for queued device work (used only at timer boundaries)."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def peak_memory_mib(self):
+        """(allocated, reserved) peak device memory in MiB; zeros on CPU."""
+        if not self.is_cuda:
+            return 0, 0
+        return (torch.cuda.max_memory_allocated(self.device) // 2**20,
+                torch.cuda.max_memory_reserved(self.device) // 2**20)
+
+    def empty_cache(self):
+        """Release cached device memory between eval stages."""
+        if self.is_cuda:
+            torch.cuda.empty_cache()
+
+
+def load_flash_backend(name):
+    """Import the FlashAttention module for `name` ('fa3'/'fa2') into _FLASH; return True if available."""
+    if name in _FLASH:
+        return True
+    try:
+        module = __import__(FLASH_MODULES[name], fromlist=["flash_attn_func"])
+    except ImportError:
+        return False
+    if not hasattr(module, "flash_attn_func"):
+        return False
+    _FLASH[name] = module
+    return True
+
+
+def resolve_attention_backend(requested, device):
+    """Pick fa3 -> fa2 -> sdpa on CUDA (sdpa on CPU); an explicit unavailable request is a ConfigError."""
+    if requested in ("sdpa", "reference"):
+        return requested
+    if requested in ("fa3", "fa2"):
+        if device.type != "cuda" and requested not in _FLASH:
+            raise ConfigError(f"ATTENTION_BACKEND={requested} needs a CUDA device; use sdpa on CPU")
+        if not load_flash_backend(requested):
+            raise ConfigError(f"ATTENTION_BACKEND={requested} but module {FLASH_MODULES[requested]} "
+                              f"is not importable; install it or use ATTENTION_BACKEND=sdpa")
+        return requested
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        if major == 9 and load_flash_backend("fa3"):
+            return "fa3"
+        if major >= 8 and load_flash_backend("fa2"):
+            return "fa2"
+    return "sdpa"
+
+
+def setup_runtime(cfg):
+    """Initialise the process group (NCCL on CUDA, gloo on CPU) and return the Runtime for this rank."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    validate_config(cfg, world_size)
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("DEVICE=cuda but no CUDA device is visible; use DEVICE=cpu or auto")
+    if want_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if want_cuda else "gloo"
+        kwargs = {"device_id": device} if want_cuda else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+    rt = Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
+    if want_cuda:
+        rt.compute_dtype = rt.embed_dtype = rt.ns_dtype = torch.bfloat16
+    rt.attention_backend = resolve_attention_backend(cfg.attention_backend, device)
+    rt.compile = cfg.compile == "1" or (cfg.compile == "auto" and want_cuda)
+    if rt.compile:
+        torch._dynamo.config.cache_size_limit = 64
+    return rt
+
+
+def all_reduce_(tensor, rt, op=None):
+    """In-place SUM (or `op`) all-reduce across ranks; no-op on a single process."""
+    if rt.distributed:
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def compiled_graph_count():
+    """Number of graphs torch.compile has produced in this process (for recompile accounting)."""
+    try:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:
+        return 0
+
+
+# =============================================================================================
+# DATA: FineWeb shards, deterministic global sampling, validation tokens, smoke corpus
+# =============================================================================================
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_BYTES = 256 * 4
+BOS_ID = 1
+
+
+def read_shard_header(path):
+    """Validate a shard's header and size; return its token count. ConfigError names the bad file."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise ConfigError(f"shard {path} is {size} bytes, shorter than the 1024-byte header: re-download it")
+    header = np.fromfile(path, dtype="<i4", count=256)
+    if int(header[0]) != SHARD_MAGIC:
+        raise ConfigError(f"shard {path} has magic {int(header[0])}, expected {SHARD_MAGIC}: not a token shard")
+    if int(header[1]) != SHARD_VERSION:
+        raise ConfigError(f"shard {path} has version {int(header[1])}, expected {SHARD_VERSION}")
+    n = int(header[2])
+    if size != SHARD_HEADER_BYTES + 2 * n:
+        raise ConfigError(f"shard {path} is {size} bytes but its header promises {n} tokens "
+                          f"({SHARD_HEADER_BYTES + 2 * n} bytes): truncated or corrupt, re-download it")
+    return n
+
+
+def load_shard(path):
+    """Memory-map a validated shard as a uint16 array of its tokens."""
+    n = read_shard_header(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(n,))
+
+
+def write_shard(path, tokens):
+    """Write `tokens` (ints < 65536) as a FineWeb-format shard at `path`."""
+    tokens = np.asarray(tokens)
+    if tokens.size and int(tokens.max()) >= 65536:
+        raise ValueError(f"token id {int(tokens.max())} does not fit uint16 (shard {path})")
+    header = np.zeros(256, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+
+
+def resolve_files(pattern, what):
+    """Sorted files matching `pattern`; ConfigError naming the variable when nothing matches."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise ConfigError(f"no {what} shards match {pattern!r}: download them (see data/README.md) "
+                          f"or point {what.upper()}_FILES / DATA_DIR at them")
+    return files
+
+
+class GlobalSequenceSampler:
+    """Draws training sequence starts without replacement, identically on every rank for one data seed.
+
+    Each shard gets a random phase and a random permutation of its seq_len-spaced starts; each drawn row
+    picks a shard with probability proportional to its remaining sequences. When all are used, reshuffle.
+    """
+
+    def __init__(self, shard_sizes, seq_len, seed):
+        self.sizes = list(shard_sizes)
+        self.seq_len = seq_len
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self._reshuffle()
+
+    def _reshuffle(self):
+        """Give every shard a fresh phase and (lazily built) permutation."""
+        L = self.seq_len
+        self.phase, self.count = [], []
+        for n in self.sizes:
+            phase = int(self.rng.integers(0, max(1, min(L - 1, n - L - 1) + 1))) if n > L + 1 else 0
+            self.phase.append(phase)
+            self.count.append(max(0, (n - 1 - phase) // L))
+        self.remaining = np.array(self.count, dtype=np.int64)
+        self.perm = [None] * len(self.sizes)
+        if self.remaining.sum() == 0:
+            raise ConfigError(f"training shards hold no full sequence of {L + 1} tokens")
+
+    def draw(self, n):
+        """Return n (shard index, start token) pairs."""
+        out = []
+        for _ in range(n):
+            if self.remaining.sum() == 0:
+                self._reshuffle()
+            cum = np.cumsum(self.remaining)
+            shard = int(np.searchsorted(cum, self.rng.integers(0, cum[-1]), side="right"))
+            if self.perm[shard] is None:
+                self.perm[shard] = self.rng.permutation(self.count[shard])
+            k = int(self.perm[shard][self.count[shard] - self.remaining[shard]])
+            self.remaining[shard] -= 1
+            out.append((shard, self.phase[shard] + k * self.seq_len))
+        return out
+
+
+class TrainLoader:
+    """Yields this rank's micro-batches of the global batch; the global batch is independent of world size.
+
+    A global batch has GRAD_ACCUM_BASE slices; rank r at micro-step m takes slice m*world_size + r, so a
+    1-rank run with accumulation sees exactly the sequences an 8-rank run sees.
+    """
+
+    def __init__(self, cfg, rt, files):
+        self.shards = [load_shard(f) for f in files]
+        self.seq_len = cfg.train_seq_len
+        self.seqs_per_batch = cfg.train_batch_tokens // cfg.train_seq_len
+        self.slices = cfg.grad_accum_base
+        self.seqs_per_slice = self.seqs_per_batch // self.slices
+        self.accum_steps = cfg.grad_accum_base // rt.world_size
+        self.rt = rt
+        self.sampler = GlobalSequenceSampler([len(s) for s in self.shards], cfg.train_seq_len, cfg.data_seed)
+
+    def next_batch(self):
+        """Return a list of accum_steps (x, y) pairs, each (seqs_per_slice, seq_len) int64 on the device."""
+        starts = self.sampler.draw(self.seqs_per_batch)
+        L, S = self.seq_len, self.seqs_per_slice
+        micro = []
+        for m in range(self.accum_steps):
+            sl = m * self.rt.world_size + self.rt.rank
+            rows = np.stack([np.asarray(self.shards[sh][st:st + L + 1], dtype=np.int64)
+                             for sh, st in starts[sl * S:(sl + 1) * S]])
+            t = torch.from_numpy(rows)
+            if self.rt.is_cuda:
+                t = t.pin_memory().to(self.rt.device, non_blocking=True)
+            micro.append((t[:, :-1], t[:, 1:]))
+        return micro
+
+
+def load_validation_tokens(pattern, seq_len):
+    """Concatenate val shards and truncate to usable+1 tokens, usable = floor((N-1)/seq_len)*seq_len."""
+    files = resolve_files(pattern, "val")
+    tokens = np.concatenate([np.asarray(load_shard(f)) for f in files])
+    usable = ((tokens.size - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ConfigError(f"validation shards {pattern!r} hold fewer than {seq_len + 1} tokens")
+    tokens = tokens[:usable + 1]
+    if not (tokens == BOS_ID).any():
+        raise ConfigError(f"validation shards {pattern!r} contain no BOS ({BOS_ID}) token: documents must "
+                          f"start with BOS (rebuild the shards)")
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+def smoke_corpus_documents(max_bytes):
+    """Documents (one per module) from this Python's standard-library sources, sorted, up to max_bytes."""
+    import sysconfig
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "dist-packages", "ensurepip"}
+    docs, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if skip & set(path.relative_to(root).parts):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if len(text) < 2000:
+            continue
+        docs.append(text)
+        total += len(text.encode("utf-8"))
+        if total >= max_bytes:
+            break
+    if len(docs) < 50:
+        raise ConfigError(f"found only {len(docs)} standard-library sources under {root} for the smoke corpus")
+    return docs
+
+
+def train_sentencepiece(lines, model_path, vocab_size):
+    """Train a SentencePiece BPE model with the record's settings on an iterable of text lines."""
+    import sentencepiece as spm
+    Path(model_path).parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(model_path)[:-len(".model")],
+        vocab_size=vocab_size, model_type="bpe", character_coverage=0.999, byte_fallback=True,
+        split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, hard_vocab_limit=False, num_threads=2,
+        input_sentence_size=400000, shuffle_input_sentence=True, minloglevel=2)
+
+
+def build_smoke_data(cfg, log):
+    """Create the smoke tokenizer and train/val shards from stdlib text on first use; reuse them after."""
+    train_glob, val_glob, tok_path = data_paths(cfg)
+    if glob.glob(train_glob) and glob.glob(val_glob) and Path(tok_path).exists():
+        return
+    t0 = time.time()
+    docs = smoke_corpus_documents(max_bytes=7_000_000)
+    lines = [ln for d in docs for ln in d.splitlines() if ln.strip()]
+    train_sentencepiece(lines, tok_path, cfg.vocab_size)
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=tok_path)
+    val_docs, train_docs = docs[::25], [d for i, d in enumerate(docs) if i % 25]
+    encode = lambda ds: np.concatenate([np.array([BOS_ID] + sp.encode(d), dtype=np.int64) for d in ds])
+    out = Path(train_glob).parent
+    write_shard(out / "fineweb_val_000000.bin", encode(val_docs))
+    write_shard(out / "fineweb_train_000000.bin", encode(train_docs))
+    log(f"smoke_data: built {len(train_docs)} train / {len(val_docs)} val documents, tokenizer "
+        f"{tok_path} in {time.time() - t0:.1f}s")
+
+
+# =============================================================================================
+# TOKENIZER AND BPB: exact per-token byte accounting
+# =============================================================================================
+
+
+def load_tokenizer(path, vocab_size):
+    """Load a SentencePiece model and check its vocabulary equals VOCAB_SIZE."""
+    import sentencepiece as spm
+    if not Path(path).exists():
+        raise ConfigError(f"tokenizer {path} not found: download it (data/README.md) or set TOKENIZER_PATH")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    if sp.get_piece_size() != vocab_size:
+        raise ConfigError(f"tokenizer {path} has {sp.get_piece_size()} pieces but VOCAB_SIZE={vocab_size}")
+    return sp
+
+
+def build_byte_tables(sp, vocab_size):
+    """Per-token (base_bytes int16, has_leading_space bool, is_boundary bool) numpy arrays (RECORD §3.1)."""
+    n = max(sp.get_piece_size(), vocab_size)
+    base = np.zeros(n, dtype=np.int16)
+    space = np.zeros(n, dtype=bool)
+    boundary = np.ones(n, dtype=bool)
+    for i in range(sp.get_piece_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i] = True
+            piece = piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    if sp.piece_to_id("\u2581") == sp.unk_id():
+        raise ConfigError("tokenizer has no standalone '\u2581' piece; BPB byte accounting would be wrong")
+    return base, space, boundary
+
+
+class ByteCounter:
+    """Counts UTF-8 bytes of target tokens given their previous tokens, on the device."""
+
+    def __init__(self, tables, device):
+        base, space, boundary = tables
+        self.base = torch.from_numpy(base.astype(np.int64)).to(device)
+        self.space = torch.from_numpy(space).to(device)
+        self.boundary = torch.from_numpy(boundary).to(device)
+
+    def count(self, prev, target):
+        """Bytes per position (int64, same shape): base[t] + (leading space of t and prev not a boundary)."""
+        return self.base[target] + (self.space[target] & ~self.boundary[prev]).long()
+
+
+# =============================================================================================
+# MODEL: GQA attention with QK-norm, partial RoPE, QK-gain and XSA; LeakyReLU^2 MLP; parallel
+# residuals; depth recurrence with gated U-Net skips; tied embeddings with a logit softcap
+# =============================================================================================
+
+RMS_EPS = torch.finfo(torch.float32).eps
+
+
+def rms_norm(x):
+    """RMS-normalise the last dim with no weight and the fp32 machine epsilon (shape unchanged)."""
+    return F.rms_norm(x, (x.size(-1),), eps=RMS_EPS)
+
+
+def flash_attention(q, k, v, backend):
+    """Causal GQA attention via FlashAttention (`fa3`/`fa2`): q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D)."""
+    out = _FLASH[backend].flash_attn_func(q, k, v, causal=True)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def sdpa_attention(q, k, v):
+    """Causal GQA attention via torch SDPA; same layout contract as flash_attention."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def reference_attention(q, k, v):
+    """Causal GQA attention written out with explicit softmax (the slow ground truth); same contract."""
+    B, T, H, D = q.shape
+    group = H // k.size(2)
+    k = k.repeat_interleave(group, dim=2)
+    v = v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / math.sqrt(D)
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhts,bshd->bthd", probs, v.float()).to(q.dtype)
+
+
+def attention(q, k, v, backend):
+    """Dispatch causal GQA attention to the configured backend; (B,T,H,D) in and out."""
+    if backend in ("fa3", "fa2"):
+        return flash_attention(q, k, v, backend)
+    if backend == "sdpa":
+        return sdpa_attention(q, k, v)
+    return reference_attention(q, k, v)
+
+
+def exclusive_self_attention(y, v):
+    """XSA: remove from each head output its component along its own token's unit value vector.
+
+    y (B,T,H,D), v (B,T,Hkv,D); query heads are grouped per KV head without repeating v.
+    """
+    B, T, H, D = y.shape
+    hkv = v.size(2)
+    yg = y.view(B, T, hkv, H // hkv, D)
+    vn = F.normalize(v.float(), dim=-1).to(y.dtype).unsqueeze(3)
+    yg = yg - (yg * vn).sum(-1, keepdim=True) * vn
+    return yg.view(B, T, H, D)
+
+
+def rope_tables(seq_len, rope_dims, base, train_seq_len, device):
+    """(cos, sin) of shape (seq_len, rope_dims/2), NTK-rescaling the base when seq_len > train_seq_len."""
+    if seq_len > train_seq_len:
+        base = base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
+    half = rope_dims // 2
+    inv_freq = base ** (-torch.arange(half, dtype=torch.float32, device=device) * 2.0 / rope_dims)
+    angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_partial_rope(x, cos, sin):
+    """Rotate the first 2*cos.size(-1) dims of each head of x (B,T,H,D); the remaining dims pass through."""
+    half = cos.size(-1)
+    a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    cos = cos[None, :, None, :].to(x.dtype)
+    sin = sin[None, :, None, :].to(x.dtype)
+    return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
+
+
+class CastedLinear(nn.Linear):
+    """Bias-free linear whose fp32 master weight is cast to the activation dtype at use."""
+
+    def __init__(self, fan_in, fan_out):
+        super().__init__(fan_in, fan_out, bias=False)
+
+    def forward(self, x):
+        """x (..., fan_in) -> (..., fan_out) in x's dtype."""
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class CausalSelfAttention(nn.Module):
+    """GQA attention with QK RMS-norm, partial RoPE, per-head QK gain and optional XSA."""
+
+    def __init__(self, cfg, layer_idx, backend):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.model_dim // cfg.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
+        self.c_k = CastedLinear(cfg.model_dim, kv_dim)
+        self.c_v = CastedLinear(cfg.model_dim, kv_dim)
+        self.proj = CastedLinear(cfg.model_dim, cfg.model_dim)
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.use_xsa = layer_idx >= cfg.num_layers - cfg.xsa_last_n
+        self.backend = backend
+
+    def forward(self, x, cos, sin):
+        """x (B,T,D) -> (B,T,D)."""
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q = apply_partial_rope(rms_norm(q), cos, sin)
+        k = apply_partial_rope(rms_norm(k), cos, sin)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        y = attention(q, k, v, self.backend)
+        if self.use_xsa:
+            y = exclusive_self_attention(y, v)
+        return self.proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """LeakyReLU(0.5)^2 feed-forward: D -> mlp_mult*D -> D."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = int(cfg.mlp_mult * cfg.model_dim)
+        self.fc = CastedLinear(cfg.model_dim, hidden)
+        self.proj = CastedLinear(hidden, cfg.model_dim)
+
+    def forward(self, x):
+        """x (B,T,D) -> (B,T,D)."""
+        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
+
+
+class Block(nn.Module):
+    """One transformer layer with resid_mix against x0, layerwise LN scale and optional parallel residual."""
+
+    def __init__(self, cfg, layer_idx, backend):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg, layer_idx, backend)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
+        self.ln_s = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
+        self.parallel = layer_idx >= cfg.parallel_residual_start
+
+    def forward(self, x, x0, cos, sin):
+        """x, x0 (B,T,D) -> (B,T,D)."""
+        mix = self.resid_mix.to(x.dtype)
+        x_in = mix[0] * x + mix[1] * x0
+        a = self.attn(rms_norm(x_in) * self.ln_s, cos, sin)
+        if self.parallel:
+            m = self.mlp(rms_norm(x_in) * self.ln_s)
+            return x_in + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * m
+        x1 = x_in + self.attn_scale.to(x.dtype) * a
+        return x1 + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x1) * self.ln_s)
+
+
+def layer_layout(cfg, looped):
+    """(encoder, decoder) physical-layer index lists for the plain or looped virtual depth."""
+    n = cfg.num_layers
+    if looped and cfg.num_loops > 0:
+        seq = (list(range(cfg.loop_start))
+               + list(range(cfg.loop_start, cfg.loop_end + 1)) * (cfg.num_loops + 1)
+               + list(range(cfg.loop_end + 1, n)))
+    else:
+        seq = list(range(n))
+    half = len(seq) // 2
+    return seq[:half], seq[half:]
+
+
+class GPT(nn.Module):
+    """The record's GPT; forward(ids, targets, looped) -> mean CE, token_nll -> per-token NLL."""
+
+    def __init__(self, cfg, backend="sdpa"):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.blocks = nn.ModuleList(Block(cfg, i, backend) for i in range(cfg.num_layers))
+        enc, dec = layer_layout(cfg, looped=cfg.num_loops > 0)
+        self.num_skips = min(len(enc), len(dec))
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
+        self.skip_gates = (nn.Parameter(torch.zeros(self.num_skips, cfg.model_dim))
+                           if cfg.skip_gates_enabled else None)
+        self.layouts = {False: layer_layout(cfg, False), True: layer_layout(cfg, True)}
+        self._init_weights()
+
+    def _init_weights(self):
+        """Record init: embedding N(0, std), orthogonal q/k/v/fc, zero output projections."""
+        nn.init.normal_(self.tok_emb.weight, std=self.cfg.tied_embed_init_std)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
+                nn.init.orthogonal_(lin.weight)
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.mlp.proj.weight)
+
+    def hidden(self, ids, looped=False):
+        """ids (B,T) int64 -> final RMS-normalised hidden states (B,T,D)."""
+        T = ids.size(1)
+        cos, sin = rope_tables(T, self.cfg.rope_dims, self.cfg.rope_base, self.cfg.train_seq_len, ids.device)
+        x = rms_norm(self.tok_emb(ids))
+        x0 = x
+        encoder, decoder = self.layouts[bool(looped)]
+        stack = []
+        for i in encoder:
+            x = self.blocks[i](x, x0, cos, sin)
+            stack.append(x)
+        for k, i in enumerate(decoder):
+            if k < self.num_skips and stack:
+                s = self.skip_weights[k].to(x.dtype) * stack.pop()
+                if self.skip_gates is not None:
+                    g = torch.sigmoid(self.skip_gates[k]).to(x.dtype)
+                    x = g * x + (1 - g) * s
+                else:
+                    x = x + s
+            x = self.blocks[i](x, x0, cos, sin)
+        return rms_norm(x)
+
+    def logits(self, ids, looped=False):
+        """ids (B,T) -> softcapped fp32 logits (B,T,V) through the tied embedding."""
+        h = self.hidden(ids, looped)
+        logits = F.linear(h, self.tok_emb.weight.to(h.dtype)).float()
+        c = self.cfg.logit_softcap
+        return c * torch.tanh(logits / c)
+
+    def token_nll(self, ids, targets, looped=False):
+        """Per-position NLL in nats (B,T) fp32."""
+        logits = self.logits(ids, looped)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+    def forward(self, ids, targets, looped=False):
+        """Mean cross-entropy in nats (scalar fp32)."""
+        return self.token_nll(ids, targets, looped).mean()
+
+
+def build_model(cfg, rt):
+    """Build the GPT on CPU with seed SEED (device-independent init), then move it to the runtime device."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg, rt.attention_backend)
+    model.to(rt.device)
+    model.tok_emb.weight.data = model.tok_emb.weight.data.to(rt.embed_dtype)
+    return model
+
+
+# =============================================================================================
+# OPTIMIZERS: Muon (row-normalised, round-robin sharded) for block matrices, AdamW for the rest
+# =============================================================================================
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "skip_gates")
+
+
+def newton_schulz5(G, steps, dtype):
+    """Approximately orthogonalise G (r,c) with `steps` quintic Newton-Schulz iterations in `dtype`."""
+    a, b, c = NS_COEFFS
+    X = G.to(dtype)
+    transposed = X.size(0) > X.size(1)
+    if transposed:
+        X = X.T
+    X = X / (X.norm() + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.T if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    """MuonEq-R: Nesterov momentum, row normalisation, NS5, shape scale, decoupled WD; work split by rank."""
+
+    def __init__(self, params, lr, momentum, weight_decay, ns_steps, row_normalize, rt):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.ns_steps, self.row_normalize, self.rt = ns_steps, row_normalize, rt
+
+    def muon_update(self, p, momentum):
+        """Return the orthogonalised update for parameter p (owned by this rank), updating its momentum."""
+        g = p.grad
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(g)
+        buf = state["momentum_buffer"]
+        buf.mul_(momentum).add_(g)
+        u = g.add(buf, alpha=momentum)
+        if self.row_normalize:
+            u = u / u.float().norm(dim=1, keepdim=True).clamp_min(1e-7).to(u.dtype)
+        u = newton_schulz5(u, self.ns_steps, self.rt.ns_dtype)
+        return u * math.sqrt(max(1.0, p.size(0) / p.size(1)))
+
+    @torch.no_grad()
+    def step(self):
+        """One step: owners compute updates into a flat buffer, one all-reduce shares them, all ranks apply."""
+        for group in self.param_groups:
+            params = group["params"]
+            total = sum(p.numel() for p in params)
+            flat = torch.zeros(total, dtype=self.rt.ns_dtype, device=params[0].device)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.rt.world_size == self.rt.rank and p.grad is not None:
+                    flat[offset:offset + p.numel()] = self.muon_update(p, group["momentum"]).flatten()
+                offset += p.numel()
+            all_reduce_(flat, self.rt)
+            offset = 0
+            for p in params:
+                update = flat[offset:offset + p.numel()].view_as(p)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def split_parameters(model):
+    """Return (muon_params, embed_params, scalar_params) by the record's routing rule."""
+    muon, embed, scalar = [], [], []
+    for name, p in model.named_parameters():
+        if name == "tok_emb.weight":
+            embed.append(p)
+        elif name.startswith("blocks.") and p.ndim == 2 and not any(c in name for c in CONTROL_PATTERNS):
+            muon.append(p)
+        else:
+            scalar.append(p)
+    return muon, embed, scalar
+
+
+def build_optimizers(cfg, rt, model):
+    """Embedding AdamW, Muon, scalar AdamW (stepped in that order); each group remembers its base lr."""
+    muon_params, embed_params, scalar_params = split_parameters(model)
+    fused = {"fused": True} if rt.is_cuda else {}
+    adam_embed = torch.optim.AdamW([dict(params=embed_params, lr=cfg.embed_lr, base_lr=cfg.embed_lr)],
+                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.embed_wd,
+                                   **fused)
+    muon = Muon(muon_params, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_wd,
+                ns_steps=cfg.muon_backend_steps, row_normalize=cfg.muon_row_normalize, rt=rt)
+    muon.param_groups[0]["base_lr"] = cfg.matrix_lr
+    adam_scalar = torch.optim.AdamW([dict(params=scalar_params, lr=cfg.scalar_lr, base_lr=cfg.scalar_lr)],
+                                    betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.adam_wd,
+                                    **fused)
+    return [adam_embed, muon, adam_scalar]
+
+
+def lr_multiplier(frac, warmdown_frac, min_lr):
+    """LR multiplier at training fraction `frac`: 1 until 1-warmdown_frac, then linear to 0, floored at min_lr."""
+    if warmdown_frac <= 0 or frac < 1.0 - warmdown_frac:
+        return 1.0
+    return max((1.0 - frac) / warmdown_frac, min_lr)
+
+
+def muon_momentum_at(cfg, step):
+    """Muon momentum warmed linearly from the start value to the final one over the warmup steps."""
+    f = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - f) * cfg.muon_momentum_warmup_start + f * cfg.muon_momentum
+
+
+class WeightAverager:
+    """EMA (ema <- d*ema + (1-d)*w after every step) or SWA (uniform mean of late snapshots) in fp32."""
+
+    def __init__(self, cfg, model):
+        self.mode, self.decay = cfg.weight_averaging, cfg.ema_decay
+        self.swa_start, self.swa_every = cfg.swa_start_frac, cfg.swa_every
+        self.params = [p for p in model.parameters()]
+        self.shadow = [p.detach().float().clone() for p in self.params] if self.mode == "ema" else \
+            [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, step, frac):
+        """Fold the current weights in (EMA every step; SWA every swa_every steps once frac >= start)."""
+        if self.mode == "ema":
+            for s, p in zip(self.shadow, self.params):
+                s.lerp_(p.detach().float(), 1.0 - self.decay)
+        elif self.mode == "swa" and frac >= self.swa_start and step % self.swa_every == 0:
+            for s, p in zip(self.shadow, self.params):
+                s.add_(p.detach().float())
+            self.count += 1
+
+    @torch.no_grad()
+    def apply(self, log):
+        """Copy the averaged weights into the model (cast to each parameter's dtype)."""
+        if self.mode == "none":
+            return
+        if self.mode == "swa" and self.count == 0:
+            log("swa:no snapshots were taken; keeping the final weights")
+            return
+        scale = 1.0 / self.count if self.mode == "swa" else 1.0
+        for s, p in zip(self.shadow, self.params):
+            p.copy_((s * scale).to(p.dtype))
+        log("ema:applying EMA weights" if self.mode == "ema" else f"swa:applying mean of {self.count} snapshots")
+
+
+# =============================================================================================
+# TRAINING LOOP: compile warmup + exact restore, wallclock-capped steps, periodic validation
+# =============================================================================================
+
+
+class TrainClock:
+    """Wallclock of training in ms that can be paused (validation) and resumed."""
+
+    def __init__(self, rt):
+        self.rt, self.elapsed_ms, self.started = rt, 0.0, None
+
+    def start(self):
+        """Start or resume counting."""
+        self.rt.sync()
+        self.started = time.perf_counter()
+
+    def pause(self):
+        """Stop counting and add the running interval."""
+        self.rt.sync()
+        self.elapsed_ms += 1000.0 * (time.perf_counter() - self.started)
+        self.started = None
+
+    def ms(self):
+        """Elapsed training ms (without a device sync)."""
+        running = 1000.0 * (time.perf_counter() - self.started) if self.started is not None else 0.0
+        return self.elapsed_ms + running
+
+
+def training_budget_ms(cfg):
+    """Training-loop budget in ms: the wallclock cap minus the GPTQ reserve (0 = no cap)."""
+    if cfg.max_wallclock_seconds <= 0:
+        return 0.0
+    return 1000.0 * (cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds)
+
+
+def training_fraction(cfg, elapsed_ms, step):
+    """Fraction of training done: by wallclock when capped, else by step/ITERATIONS."""
+    budget = training_budget_ms(cfg)
+    return elapsed_ms / budget if budget > 0 else step / max(cfg.iterations, 1)
+
+
+def all_reduce_grads(params, rt, average=True):
+    """Sum (average=False) or average gradients across ranks with one flat all-reduce per dtype."""
+    if not rt.distributed:
+        return
+    by_dtype = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        all_reduce_(flat, rt)
+        if average:
+            flat.div_(rt.world_size)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+class Trainer:
+    """Owns model, optimizers, loss function and the per-step update; knows nothing about timing."""
+
+    def __init__(self, cfg, rt, model):
+        self.cfg, self.rt, self.model = cfg, rt, model
+        self.optimizers = build_optimizers(cfg, rt, model)
+        self.params = [p for p in model.parameters()]
+        self.loss_fn = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
+        self.nll_fn = (torch.compile(model.token_nll, dynamic=False, fullgraph=True) if rt.compile
+                       else model.token_nll)
+
+    def step(self, micro_batches, step, lr_mul, looped):
+        """Forward/backward all micro-batches, average grads, clip, step all optimizers; returns loss tensor."""
+        total_micro = self.cfg.grad_accum_base
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for x, y in micro_batches:
+            with self.rt.autocast():
+                loss = self.loss_fn(x, y, looped)
+            (loss / total_micro).backward()
+            loss_sum += loss.detach()
+        all_reduce_grads(self.params, self.rt)
+        muon = self.optimizers[1]
+        muon.param_groups[0]["momentum"] = muon_momentum_at(self.cfg, step)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_mul
+        if self.cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return all_reduce_(loss_sum, self.rt) / total_micro
+
+    def snapshot(self):
+        """Copy of weights and optimizer states, for restoring after compile warmup."""
+        return ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                [copy.deepcopy(opt.state_dict()) for opt in self.optimizers])
+
+    @torch.no_grad()
+    def restore(self, snap):
+        """Restore weights and optimizer states bit-exactly from snapshot(); raises if any tensor differs."""
+        weights, opt_states = snap
+        for k, v in self.model.state_dict().items():
+            v.copy_(weights[k])
+        for opt, state in zip(self.optimizers, opt_states):
+            opt.load_state_dict(state)
+            opt.zero_grad(set_to_none=True)
+        bad = [k for k, v in self.model.state_dict().items() if not torch.equal(v, weights[k])]
+        if bad:
+            raise RuntimeError(f"weights not restored bit-exactly after warmup: {bad[:3]}")
+
+
+def state_checksum(model):
+    """sha256 over all parameter bytes (for bit-identity checks across ranks and restores)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def log_steps(n):
+    """Warmup steps whose progress is logged (1-6, 10, the last) as in the record."""
+    return {i for i in range(1, n + 1) if i <= 6 or i == 10 or i == n}
+
+
+def compile_warmup(cfg, rt, trainer, make_loader, log):
+    """Run WARMUP_STEPS real steps plain then looped (compiling both graphs), then restore exactly."""
+    if cfg.warmup_steps <= 0:
+        return make_loader()
+    snap = trainer.snapshot()
+    before = state_checksum(trainer.model)
+    graphs0 = compiled_graph_count()
+    loader = make_loader()
+    variants = [False] + ([True] if cfg.num_loops > 0 else [])
+    for looped in variants:
+        if looped:
+            enc, dec = layer_layout(cfg, True)
+            log(f"loop_warmup:enabled encoder:{enc} decoder:{dec}")
+        for i in range(1, cfg.warmup_steps + 1):
+            trainer.step(loader.next_batch(), 0, 1.0, looped)
+            if i in log_steps(cfg.warmup_steps):
+                log(f"{'loop_warmup_step' if looped else 'warmup_step'}: {i}/{cfg.warmup_steps}")
+        warm_eval_graph(cfg, rt, trainer.nll_fn, looped)
+    trainer.restore(snap)
+    after = state_checksum(trainer.model)
+    if after != before:
+        raise RuntimeError("warmup restore changed the weights")
+    log(f"warmup:restored weights bit-exactly sha256:{after[:16]} graphs_compiled:"
+        f"{compiled_graph_count() - graphs0}")
+    return make_loader()
+
+
+@torch.no_grad()
+def eval_plain(cfg, rt, nll_fn, val_tokens, byte_counter, looped):
+    """Non-overlapping EVAL_SEQ_LEN tiling of the val stream, split contiguously by rank: (val_loss, val_bpb)."""
+    L = cfg.eval_seq_len
+    n_seqs = (val_tokens.numel() - 1) // L
+    starts = np.arange(n_seqs, dtype=np.int64) * L
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    mine = rank_slice(len(starts), rt)
+    score_windows(cfg, rt, nll_fn, val_tokens, byte_counter, looped, starts[mine], starts[mine],
+                  starts[mine] + L, sums)
+    all_reduce_(sums, rt)
+    return (sums[0] / sums[1]).item(), (sums[0] / (sums[2] * math.log(2))).item()
+
+
+def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
+    """Warm up, then run the timed loop until the wallclock cap/ITERATIONS; returns a stats dict."""
+    trainer = Trainer(cfg, rt, model)
+    make_loader = lambda: TrainLoader(cfg, rt, train_files)
+    budget = training_budget_ms(cfg)
+    log(f"gptq:reserving {cfg.gptq_reserve_seconds:g}s, effective={budget:.0f}ms")
+    loader = compile_warmup(cfg, rt, trainer, make_loader, log)
+    graphs_before_clock = compiled_graph_count()
+    averager = WeightAverager(cfg, model)
+    clock = TrainClock(rt)
+    looped, stop_at, step = False, None, 0
+    stats = {"loop_enabled_step": None}
+    clock.start()
+    while True:
+        last = step >= cfg.iterations or (stop_at is not None and step >= stop_at)
+        validate = step == 0 or last or (cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0)
+        if validate:
+            clock.pause()
+            val_loss, val_bpb = eval_plain(cfg, rt, trainer.nll_fn, val_tokens, byte_counter, looped)
+            log(f"{step}/{cfg.iterations} val_loss: {val_loss:.4f} val_bpb: {val_bpb:.4f}")
+            stats.setdefault("step0_val_bpb", val_bpb)
+            stats.update(final_val_loss=val_loss, final_val_bpb=val_bpb)
+            clock.start()
+        if last:
+            if stop_at is not None and step < cfg.iterations:
+                log(f"stopping_early: wallclock_cap train_time: {clock.ms():.0f}ms step: {step}/{cfg.iterations}")
+            break
+        frac = training_fraction(cfg, clock.ms(), step)
+        if not looped and cfg.num_loops > 0 and frac >= cfg.enable_looping_at:
+            looped = True
+            stats["loop_enabled_step"] = step
+            enc, dec = layer_layout(cfg, True)
+            log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{enc} decoder:{dec}")
+        loss = trainer.step(loader.next_batch(), step, lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr), looped)
+        step += 1
+        averager.update(step, frac)
+        if step <= 5 or (cfg.train_log_every > 0 and step % cfg.train_log_every == 0):
+            elapsed = clock.ms()
+            tok_s = step * cfg.train_batch_tokens / max(elapsed / 1000.0, 1e-9)
+            log(f"{step}/{cfg.iterations} train_loss: {loss.item():.4f} train_time: {elapsed / 60000:.1f}m "
+                f"tok/s: {tok_s:.0f}")
+        if budget > 0:
+            reached = torch.tensor(float(clock.ms() >= budget), device=rt.device)
+            if all_reduce_(reached, rt, dist.ReduceOp.MAX if rt.distributed else None).item() > 0:
+                stop_at = step
+    clock.pause()
+    alloc, reserved = rt.peak_memory_mib()
+    log(f"peak memory allocated: {alloc} MiB reserved: {reserved} MiB")
+    recompiles = compiled_graph_count() - graphs_before_clock
+    if rt.compile:
+        log(f"compile:graphs compiled after the clock started: {recompiles}")
+    averager.apply(log)
+    stats.update(steps=step, train_time_ms=clock.elapsed_ms, recompiles_in_loop=recompiles)
+    return stats
+
+
+# =============================================================================================
+# EXPORT: Hessians on training data, full-Hessian GPTQ with SDClip, safe binary format,
+# byte-shuffle + Brotli/zstd, self-extracting code, exact byte accounting
+# =============================================================================================
+
+
+@torch.no_grad()
+def collect_hessians(cfg, rt, model, train_files, looped):
+    """X^T X (fp32) of every block linear's input and of the final-norm output, from training batches only.
+
+    Returns {weight name: H}; q/k/v share one matrix. Sums over ranks, so it is independent of world size.
+    """
+    sites, hooks = {}, []
+
+    def make_hook(key):
+        def hook(module, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
+            if key not in sites:
+                sites[key] = torch.zeros(x.size(1), x.size(1), device=x.device)
+            sites[key].addmm_(x.T, x)
+        return hook
+
+    names = {}
+    for i, block in enumerate(model.blocks):
+        for attr, key in (("c_q", "attn_in"), ("c_k", "attn_in"), ("c_v", "attn_in"), ("proj", "attn_out")):
+            names[f"blocks.{i}.attn.{attr}.weight"] = f"{i}.{key}"
+        names[f"blocks.{i}.mlp.fc.weight"] = f"{i}.mlp_in"
+        names[f"blocks.{i}.mlp.proj.weight"] = f"{i}.mlp_out"
+        hooks += [block.attn.c_q.register_forward_pre_hook(make_hook(f"{i}.attn_in")),
+                  block.attn.proj.register_forward_pre_hook(make_hook(f"{i}.attn_out")),
+                  block.mlp.fc.register_forward_pre_hook(make_hook(f"{i}.mlp_in")),
+                  block.mlp.proj.register_forward_pre_hook(make_hook(f"{i}.mlp_out"))]
+    loader = TrainLoader(cfg, rt, train_files)
+    model.eval()
+    try:
+        for _ in range(cfg.gptq_calibration_batches):
+            for x, _y in loader.next_batch():
+                with rt.autocast():
+                    h = model.hidden(x, looped)
+                h = h.reshape(-1, h.size(-1)).float()
+                if "emb" not in sites:
+                    sites["emb"] = torch.zeros(h.size(1), h.size(1), device=h.device)
+                sites["emb"].addmm_(h.T, h)
+    finally:
+        for hk in hooks:
+            hk.remove()
+        model.train()
+    for key in sorted(sites):
+        all_reduce_(sites[key], rt)
+    names["tok_emb.weight"] = "emb"
+    return {name: sites[key] for name, key in names.items() if key in sites}
+
+
+def sdclip_scales(W, bits, clip_sigmas):
+    """Per-row fp16-rounded scales k*std(row)/Q (floored at 1e-10), returned as fp32 (r,)."""
+    qmax = 2 ** (bits - 1) - 1
+    return (clip_sigmas * W.float().std(dim=1) / qmax).clamp_min(1e-10).half().float()
+
+
+def quantize_rtn(W, scales, bits):
+    """Round-to-nearest (half to even) integer matrix with the given per-row scales, clamped to +-Q."""
+    qmax = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(W.float() / scales[:, None]), -qmax, qmax).to(torch.int8)
+
+
+def gptq_quantize(W, H, bits, clip_sigmas, block_size=128, damp=0.01):
+    """Full-Hessian GPTQ of W (r,c) with Hessian H (c,c): returns (int8 q (r,c), fp32 per-row scales (r,)).
+
+    Dead columns, damping, act-order, upper Cholesky factor of H^-1, blockwise error feedback, SDClip.
+    """
+    W = W.float().clone()
+    H = H.float().clone()
+    rows, cols = W.shape
+    qmax = 2 ** (bits - 1) - 1
+    scales = sdclip_scales(W, bits, clip_sigmas)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H.diagonal().add_(damp * torch.diag(H).mean())
+    perm = torch.argsort(torch.diag(H), descending=True)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
+    s = scales[:, None]
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        err = torch.zeros_like(W1)
+        for j in range(i2 - i1):
+            w = W1[:, j:j + 1]
+            q = torch.clamp(torch.round(w / s), -qmax, qmax)
+            Q[:, i1 + j] = q[:, 0].to(torch.int8)
+            e = (w - q * s) / U1[j, j]
+            W1[:, j:] -= e * U1[j:j + 1, j:]
+            err[:, j:j + 1] = e
+        W[:, i2:] -= err @ U[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)], scales
+
+
+def quantize_state(cfg, model, hessians):
+    """Quantise every float tensor with > QUANT_MIN_NUMEL elements (GPTQ); the rest pass through as fp16.
+
+    Returns a list of entries {name, kind, shape, dtype, bits?, q?, scale?, data?}.
+    """
+    entries = []
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        entry = {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+        if t.is_floating_point() and t.ndim == 2 and t.numel() > cfg.quant_min_numel:
+            if name not in hessians:
+                raise RuntimeError(f"no calibration Hessian for {name}")
+            embed = name == "tok_emb.weight"
+            bits = cfg.embed_bits if embed else cfg.matrix_bits
+            k = cfg.embed_clip_sigmas if embed else cfg.matrix_clip_sigmas
+            q, s = gptq_quantize(t, hessians[name], bits, k, cfg.gptq_block_size, cfg.gptq_damp)
+            entry.update(kind="gptq", bits=bits, q=q.cpu(), scale=s.half().cpu())
+        else:
+            entry.update(kind="passthrough", data=t.to(torch.float16).cpu())
+        entries.append(entry)
+    return entries
+
+
+def dequantize_entries(entries):
+    """Rebuild a float state dict (original dtypes) from quantised entries: W = q * scale per row."""
+    state = {}
+    for e in entries:
+        dtype = getattr(torch, e["dtype"])
+        if e["kind"] == "gptq":
+            state[e["name"]] = (e["q"].float() * e["scale"].float()[:, None]).to(dtype)
+        else:
+            state[e["name"]] = e["data"].to(dtype)
+    return state
+
+
+def describe_quantization(entries):
+    """Record-style 'Quantized weights:' lines grouping names by treatment with layer indices collapsed."""
+    groups = {}
+    for e in entries:
+        label = f"gptq (int{e['bits']})" if e["kind"] == "gptq" else "passthrough (float16)"
+        parts = e["name"].split(".")
+        name = ".".join(p for i, p in enumerate(parts) if not (i == 1 and parts[0] == "blocks"))
+        groups.setdefault(label, set()).add(name)
+    return ["Quantized weights:"] + [f"  {k}: {', '.join(sorted(v))}" for k, v in sorted(groups.items())]
+
+
+# --- artifact format ------------------------------------------------------------------------
+# File   = b"PGQA" | u16 format version | u8 compressor id | u8 reserved | u64 payload length |
+#          32-byte sha256 of the payload | payload.
+# Payload = compressed(byte_shuffle(blob)); blob = b"PGQT" | u32 JSON length | JSON table | tensor bytes.
+# The JSON table lists each tensor (name, kind, shape, dtype, bits, byte offsets) and the architecture.
+# Nothing on the load path unpickles, so a hostile file cannot execute code.
+ARTIFACT_MAGIC = b"PGQA"
+BLOB_MAGIC = b"PGQT"
+ARTIFACT_VERSION = 1
+COMPRESSORS = {"brotli": 1, "zstd": 2}
+ARCH_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
+               "xsa_last_n", "parallel_residual_start", "skip_gates_enabled", "loop_start", "loop_end",
+               "num_loops", "ln_scale")
+
+
+class ArtifactError(ValueError):
+    """The artifact file is not ours, truncated, corrupted or incompatible; the message names the file."""
+
+
+def byte_shuffle(data, stride=2):
+    """b'BSHF' + stride byte + the bytes at offsets = p (mod stride) for p = 0..stride-1, concatenated."""
+    arr = np.frombuffer(data, dtype=np.uint8)
+    return b"BSHF" + bytes([stride]) + b"".join(arr[p::stride].tobytes() for p in range(stride))
+
+
+def byte_unshuffle(data):
+    """Inverse of byte_shuffle; input without the BSHF magic is returned unchanged."""
+    if data[:4] != b"BSHF":
+        return data
+    stride = data[4]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=5)
+    n = arr.size
+    out = np.empty(n, dtype=np.uint8)
+    pos = 0
+    for p in range(stride):
+        count = (n - p + stride - 1) // stride
+        out[p::stride] = arr[pos:pos + count]
+        pos += count
+    return out.tobytes()
+
+
+def get_compressor(name):
+    """(compress, decompress) callables for brotli (quality 11) or zstd (level 22); error if not installed."""
+    try:
+        if name == "brotli":
+            import brotli
+            return (lambda b: brotli.compress(b, quality=11)), brotli.decompress
+        import zstandard
+        return (lambda b: zstandard.ZstdCompressor(level=22).compress(b),
+                lambda b: zstandard.ZstdDecompressor().decompress(b))
+    except ImportError:
+        pkg = "brotli" if name == "brotli" else "zstandard"
+        raise ConfigError(f"COMPRESSOR={name} needs the {pkg} package: pip install {pkg} "
+                          f"(no silent fallback: it would change the artifact size)") from None
+
+
+def serialize_entries(entries, arch):
+    """Pack quantised entries and the architecture dict into the uncompressed blob (bytes)."""
+    table, chunks, offset = [], [], 0
+    for e in entries:
+        row = {k: e[k] for k in ("name", "kind", "shape", "dtype")}
+        parts = [("q", e["q"]), ("scale", e["scale"])] if e["kind"] == "gptq" else [("data", e["data"])]
+        if e["kind"] == "gptq":
+            row["bits"] = e["bits"]
+        for key, t in parts:
+            raw = t.contiguous().numpy().tobytes()
+            row[key] = [offset, len(raw), str(t.dtype).replace("torch.", ""), list(t.shape)]
+            chunks.append(raw)
+            offset += len(raw)
+        table.append(row)
+    header = json.dumps({"tensors": table, "arch": arch}, sort_keys=True).encode()
+    return BLOB_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+
+
+def deserialize_entries(blob, path="<bytes>"):
+    """Parse a blob from serialize_entries into (entries, arch) without executing anything."""
+    if blob[:4] != BLOB_MAGIC:
+        raise ArtifactError(f"{path}: payload is not a tensor table (bad inner magic)")
+    (hlen,) = struct.unpack("<I", blob[4:8])
+    try:
+        header = json.loads(blob[8:8 + hlen].decode())
+    except (UnicodeDecodeError, ValueError):
+        raise ArtifactError(f"{path}: tensor table is not valid JSON") from None
+    base = 8 + hlen
+    entries = []
+    np_types = {"int8": np.int8, "float16": np.float16}
+    for row in header["tensors"]:
+        e = {k: row[k] for k in ("name", "kind", "shape", "dtype")}
+        if "bits" in row:
+            e["bits"] = row["bits"]
+        for key in ("q", "scale", "data"):
+            if key in row:
+                off, length, dtype, shape = row[key]
+                if dtype not in np_types or base + off + length > len(blob):
+                    raise ArtifactError(f"{path}: tensor {row['name']} has a bad dtype or lies outside the file")
+                arr = np.frombuffer(blob, dtype=np_types[dtype], count=length // np.dtype(np_types[dtype]).itemsize,
+                                    offset=base + off).reshape(shape)
+                e[key] = torch.from_numpy(arr.copy())
+        entries.append(e)
+    return entries, header["arch"]
+
+
+def write_artifact(path, entries, arch, compressor):
+    """Serialise, byte-shuffle, compress and write the artifact; returns its size in bytes."""
+    compress, _ = get_compressor(compressor)
+    payload = compress(byte_shuffle(serialize_entries(entries, arch)))
+    head = ARTIFACT_MAGIC + struct.pack("<HBBQ", ARTIFACT_VERSION, COMPRESSORS[compressor], 0, len(payload))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(head + hashlib.sha256(payload).digest() + payload)
+    os.replace(tmp, path)
+    return os.path.getsize(path)
+
+
+def read_artifact(path):
+    """Verify and decode an artifact file into (entries, arch); ArtifactError on anything unexpected."""
+    data = Path(path).read_bytes()
+    if data[:4] != ARTIFACT_MAGIC:
+        hint = " (it looks like a pickle/torch.save file, which this loader never unpickles)" \
+            if data[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") else ""
+        raise ArtifactError(f"{path} is not a train_gpt.py artifact: bad magic{hint}")
+    if len(data) < 48:
+        raise ArtifactError(f"{path} is truncated (header incomplete)")
+    version, comp_id, _, length = struct.unpack("<HBBQ", data[4:16])
+    if version != ARTIFACT_VERSION:
+        raise ArtifactError(f"{path} has format version {version}; this script reads {ARTIFACT_VERSION}")
+    payload = data[48:]
+    if len(payload) != length:
+        raise ArtifactError(f"{path} is truncated or padded: payload {len(payload)} bytes, header says {length}")
+    if hashlib.sha256(payload).digest() != data[16:48]:
+        raise ArtifactError(f"{path} is corrupted: sha256 of the payload does not match")
+    names = {v: k for k, v in COMPRESSORS.items()}
+    if comp_id not in names:
+        raise ArtifactError(f"{path} names unknown compressor id {comp_id}")
+    _, decompress = get_compressor(names[comp_id])
+    return deserialize_entries(byte_unshuffle(decompress(payload)), path)
+
+
+def architecture(cfg):
+    """The config fields that define tensor shapes and wiring, stored in the artifact."""
+    return {k: getattr(cfg, k) for k in ARCH_FIELDS}
+
+
+def load_artifact_model(cfg, rt, path):
+    """Every rank: read the artifact, check its architecture against the config, return a fresh eval model."""
+    entries, arch = read_artifact(path)
+    diff = {k: (v, getattr(cfg, k, None)) for k, v in arch.items() if getattr(cfg, k, None) != v}
+    if diff:
+        fixes = ", ".join(f"{k.upper()}={v[0]}" for k, v in sorted(diff.items()))
+        raise ArtifactError(f"{path} was trained with a different architecture; set {fixes}")
+    model = build_model(cfg, rt)
+    state = dequantize_entries(entries)
+    model.load_state_dict({k: v.to(rt.device) for k, v in state.items()}, strict=True)
+    model.tok_emb.weight.data = model.tok_emb.weight.data.to(rt.embed_dtype)
+    return model
+
+
+# --- counted code: the self-extracting copy of this file -------------------------------------
+PACK_STUB_PREFIX = "import lzma as L,base64 as B\n"
+
+
+def strip_docstrings(source):
+    """Source without comments and docstrings (via the AST), semantically identical."""
+    import ast
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None),
+                                                                      ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree) + "\n"
+
+
+def pack_source(source):
+    """Self-extracting stub (LZMA2 raw + base85) that executes `source` minus docstrings/comments."""
+    raw = strip_docstrings(source).encode("utf-8")
+    packed = lzma.compress(raw, format=lzma.FORMAT_RAW,
+                           filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+    return (PACK_STUB_PREFIX + 'exec(L.decompress(B.b85decode("' + base64.b85encode(packed).decode()
+            + '"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n')
+
+
+def code_bytes():
+    """(bytes counted for code, description): the running file if packed, else its packed form's size."""
+    running = Path(__file__).read_text(encoding="utf-8")
+    if running.startswith(PACK_STUB_PREFIX):
+        return len(running.encode("utf-8")), f"packed file {Path(__file__).name} (running it)"
+    packed = len(pack_source(running).encode("utf-8"))
+    return packed, (f"packed self-extracting copy of {Path(__file__).name} (python3 train_gpt.py pack; "
+                    f"readable source is {len(running.encode('utf-8'))} bytes)")
+
+
+PREFLIGHT_TOLERANCE = 1.03  # the entropy estimate is within ~1% of the record's real size
+
+
+def predicted_artifact_bytes(cfg, model):
+    """Preflight estimate of the compressed model bytes: quantised Gaussian entropy per weight + fp16 rest."""
+    total_bits = 0.0
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.ndim == 2 and t.numel() > cfg.quant_min_numel:
+            embed = name == "tok_emb.weight"
+            bits, k = (cfg.embed_bits, cfg.embed_clip_sigmas) if embed else (cfg.matrix_bits, cfg.matrix_clip_sigmas)
+            step_sigmas = k / (2 ** (bits - 1) - 1)
+            entropy = 0.5 * math.log2(2 * math.pi * math.e) - math.log2(step_sigmas)
+            total_bits += t.numel() * min(max(entropy, 1.0), bits) + 16 * t.size(0)
+        else:
+            total_bits += 16 * t.numel()
+    return int(total_bits / 8)
+
+
+# =============================================================================================
+# EVALUATION: sliding windows scored exactly once, score-first TTT, legality ledger
+# =============================================================================================
+
+
+def rank_slice(n, rt):
+    """Contiguous slice of range(n) owned by this rank: [n*r/W, n*(r+1)/W)."""
+    return slice(n * rt.rank // rt.world_size, n * (rt.rank + 1) // rt.world_size)
+
+
+def sliding_windows(total, seq_len, stride):
+    """(starts, score_lo, score_hi) int64 arrays: window ws scores absolute positions [lo, hi) exactly once.
+
+    Position p predicts token p+1. The first window scores all its positions; later windows score only
+    positions with at least seq_len-stride context; starts with ws + context >= total are dropped.
+    """
+    context = seq_len - stride
+    ws = np.arange(0, max(total, 1), stride, dtype=np.int64)
+    ws = ws[(ws == 0) | (ws + context < total)]
+    lo = np.where(ws == 0, 0, ws + context)
+    hi = np.minimum(ws + seq_len, total)
+    return ws, lo, hi
+
+
+@torch.no_grad()
+def score_windows(cfg, rt, nll_fn, tokens, byte_counter, looped, ws, lo, hi, sums, ledger=None, version=0,
+                  per_position=None):
+    """Score windows in fixed-shape batches; add (nll, count, bytes) into `sums` (float64, 3).
+
+    tokens: 1-D int64 CPU tensor of total+1 val tokens. Records each window's [lo, hi) in `ledger` under
+    `version`; if `per_position` (float64 numpy, size total) is given, stores each scored NLL there.
+    """
+    L, B = cfg.eval_seq_len, cfg.eval_batch_seqs
+    total = tokens.numel() - 1
+    dev_tokens = tokens.to(rt.device)
+    offsets = torch.arange(L, device=rt.device)
+    for b in range(0, len(ws), B):
+        bws, blo, bhi = ws[b:b + B], lo[b:b + B], hi[b:b + B]
+        n = len(bws)
+        pad = B - n
+        start = torch.from_numpy(np.concatenate([bws, np.repeat(bws[:1], pad)])).to(rt.device)
+        pos = start[:, None] + offsets[None, :]
+        lo_t = torch.from_numpy(np.concatenate([blo, np.zeros(pad, np.int64)])).to(rt.device)
+        hi_t = torch.from_numpy(np.concatenate([bhi, np.zeros(pad, np.int64)])).to(rt.device)
+        mask = (pos >= lo_t[:, None]) & (pos < hi_t[:, None])
+        pos = pos.clamp(max=total - 1)
+        x, y = dev_tokens[pos], dev_tokens[pos + 1]
+        with rt.autocast():
+            nll = nll_fn(x, y, looped).float()
+        sums[0] += (nll.double() * mask).sum()
+        sums[1] += mask.sum()
+        sums[2] += (byte_counter.count(x, y) * mask).sum()
+        if ledger is not None:
+            ledger.record_scores(blo, bhi, version)
+        if per_position is not None:
+            m = mask.cpu().numpy()
+            per_position[pos.cpu().numpy()[m]] = nll.double().cpu().numpy()[m]
+
+
+class LegalityLedger:
+    """Records every scored span (with the weight version it was scored under) and every TTT update.
+
+    verify() proves, across ranks: each position in [0, total) was scored exactly once, and no position
+    was scored under weights already updated on a chunk containing it or any later position.
+    """
+
+    def __init__(self, total):
+        self.total, self.scores, self.updates = total, [], []
+
+    def record_scores(self, lo, hi, version):
+        """Note that positions [lo_i, hi_i) were scored under weight version `version`."""
+        lo = np.asarray(lo, dtype=np.int64)
+        self.scores.append(np.stack([lo, np.asarray(hi, dtype=np.int64), np.full_like(lo, version)], axis=1))
+
+    def record_update(self, version_after, max_position):
+        """Note that the step producing `version_after` trained on positions up to `max_position`."""
+        self.updates.append((int(version_after), int(max_position)))
+
+    def verify(self, rt):
+        """Gather all ranks' records and return {positions, scored_exactly_once, score_before_update}."""
+        local = (np.concatenate(self.scores) if self.scores else np.zeros((0, 3), np.int64), self.updates)
+        parts = [local]
+        if rt.distributed:
+            parts = [None] * rt.world_size
+            dist.all_gather_object(parts, local)
+        scores = np.concatenate([p[0] for p in parts])
+        updates = sorted(u for p in parts for u in p[1])
+        order = np.argsort(scores[:, 0], kind="stable")
+        lo, hi, ver = scores[order, 0], scores[order, 1], scores[order, 2]
+        once = bool(len(lo) > 0 and lo[0] == 0 and hi[-1] == self.total and np.all(hi > lo)
+                    and np.all(lo[1:] == hi[:-1]))
+        before = True
+        if updates:
+            versions = np.array([u[0] for u in updates])
+            trained_max = np.maximum.accumulate(np.array([u[1] for u in updates]))
+            idx = np.searchsorted(versions, ver, side="right")
+            seen = np.where(idx > 0, trained_max[np.maximum(idx - 1, 0)], -1)
+            before = bool(np.all(seen < lo))
+        return {"positions": int(self.total), "scored_exactly_once": once, "score_before_update": before,
+                "scored_tokens": int((hi - lo).sum()), "updates": len(set(u[0] for u in updates))}
+
+
+def legality_line(result):
+    """The fixed-format legality log line that tools parse."""
+    return (f"legality: positions={result['positions']} scored_exactly_once={result['scored_exactly_once']} "
+            f"score_before_update={result['score_before_update']}")
+
+
+def eval_sliding(cfg, rt, nll_fn, val_tokens, byte_counter, looped, ledger=None, per_position=None):
+    """Sliding-window eval (EVAL_SEQ_LEN/EVAL_STRIDE), windows split contiguously by rank: (loss, bpb)."""
+    total = val_tokens.numel() - 1
+    ws, lo, hi = sliding_windows(total, cfg.eval_seq_len, cfg.eval_stride)
+    mine = rank_slice(len(ws), rt)
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    score_windows(cfg, rt, nll_fn, val_tokens, byte_counter, looped, ws[mine], lo[mine], hi[mine], sums,
+                  ledger=ledger, per_position=per_position)
+    all_reduce_(sums, rt)
+    return (sums[0] / sums[1]).item(), (sums[0] / (sums[2] * math.log(2))).item()
+
+
+def ttt_train_chunk(cfg, rt, model, loss_sum_fn, optimizer, tokens, c0, c1, lr, looped, ledger, version):
+    """TTT_EPOCHS SGD steps on the already-scored positions [c0, c1); returns the new weight version."""
+    L = cfg.eval_seq_len
+    n_seq = (c1 - c0) // L
+    mine = rank_slice(n_seq, rt)
+    seqs = list(range(n_seq))[mine]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    params = [p for p in model.parameters()]
+    model.train()
+    for _ in range(cfg.ttt_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        if seqs:
+            a = c0 + seqs[0] * L
+            chunk = tokens[a:a + len(seqs) * L + 1].to(rt.device)
+            x, y = chunk[:-1].view(len(seqs), L), chunk[1:].view(len(seqs), L)
+            with rt.autocast():
+                loss = loss_sum_fn(x, y, looped) * (x.numel() / (n_seq * L))
+            loss.backward()
+        all_reduce_grads(params, rt, average=False)
+        if cfg.ttt_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
+        optimizer.step()
+        version += 1
+        if seqs:
+            ledger.record_update(version, c0 + (seqs[-1] + 1) * L - 1)
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return version
+
+
+def eval_ttt(cfg, rt, model, loss_fn, nll_fn, val_tokens, byte_counter, looped, ledger, log, eval_t0,
+             per_position=None):
+    """Legal score-first TTT: per chunk, score its windows (no grad), then train on it; never the last chunk.
+
+    Training stops early (remaining chunks are only scored) if the projected eval total would pass
+    EVAL_BUDGET_SECONDS measured from eval_t0. Returns (loss, bpb, info dict).
+    """
+    total = val_tokens.numel() - 1
+    ws, lo, hi = sliding_windows(total, cfg.eval_seq_len, cfg.eval_stride)
+    num_chunks = max(1, -(-total // cfg.ttt_chunk_tokens))
+    chunk_of = np.minimum(lo // cfg.ttt_chunk_tokens, num_chunks - 1)
+    bounds = np.searchsorted(chunk_of, np.arange(num_chunks + 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    log(f"ttt:start chunks={num_chunks} ttt_lr={cfg.ttt_lr} ttt_epochs={cfg.ttt_epochs}")
+    version, training, trained_chunks = 0, True, 0
+    t0 = time.perf_counter()
+    model.eval()
+    for ci in range(num_chunks):
+        idx = np.arange(bounds[ci], bounds[ci + 1])[rank_slice(bounds[ci + 1] - bounds[ci], rt)]
+        score_windows(cfg, rt, nll_fn, val_tokens, byte_counter, looped, ws[idx], lo[idx], hi[idx], sums,
+                      ledger=ledger, version=version, per_position=per_position)
+        if ci == num_chunks - 1 or not training:
+            continue
+        lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(num_chunks - 1, 1)))
+        c0, c1 = ci * cfg.ttt_chunk_tokens, min((ci + 1) * cfg.ttt_chunk_tokens, total)
+        version = ttt_train_chunk(cfg, rt, model, loss_fn, optimizer, val_tokens, c0, c1, lr, looped, ledger,
+                                  version)
+        trained_chunks += 1
+        spent = time.perf_counter() - t0
+        projected = (time.perf_counter() - eval_t0) + spent / (ci + 1) * (num_chunks - ci - 1)
+        over = torch.tensor(float(projected > cfg.eval_budget_seconds), device=rt.device)
+        if all_reduce_(over, rt, dist.ReduceOp.MAX if rt.distributed else None).item() > 0:
+            training = False
+            log(f"ttt:budget_stop after chunk {ci + 1}/{num_chunks}: projected eval total {projected:.0f}s > "
+                f"EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:g}; remaining chunks are scored without training")
+    all_reduce_(sums, rt)
+    info = {"chunks": num_chunks, "trained_chunks": trained_chunks, "sgd_steps": version,
+            "budget_stopped": not training}
+    return (sums[0] / sums[1]).item(), (sums[0] / (sums[2] * math.log(2))).item(), info
+
+
+class EvalFns:
+    """Forward functions (compiled when enabled) of one model: mean loss, per-token NLL, summed loss."""
+
+    def __init__(self, model, rt):
+        self.model = model
+        sum_loss = lambda x, y, looped: model.token_nll(x, y, looped).sum()
+        if rt.compile:
+            self.nll = torch.compile(model.token_nll, dynamic=False, fullgraph=True)
+            self.loss_sum = torch.compile(sum_loss, dynamic=False, fullgraph=True)
+        else:
+            self.nll, self.loss_sum = model.token_nll, sum_loss
+
+
+def warm_eval_graph(cfg, rt, nll_fn, looped):
+    """Compile the eval forward for the fixed (EVAL_BATCH_SEQS, EVAL_SEQ_LEN) shape on synthetic tokens."""
+    x = torch.zeros(cfg.eval_batch_seqs, cfg.eval_seq_len, dtype=torch.int64, device=rt.device)
+    with torch.no_grad(), rt.autocast():
+        nll_fn(x, x, looped)
+
+
+def warm_ttt_graphs(cfg, rt, fns, looped):
+    """Compile TTT's training forward/backward on synthetic tokens, leaving weights and grads untouched."""
+    n_seq = cfg.ttt_chunk_tokens // cfg.eval_seq_len
+    n_mine = len(range(n_seq)[rank_slice(n_seq, rt)])
+    if n_mine == 0:
+        return
+    x = torch.zeros(n_mine, cfg.eval_seq_len, dtype=torch.int64, device=rt.device)
+    with rt.autocast():
+        loss = fns.loss_sum(x, x, looped)
+    loss.backward()
+    fns.model.zero_grad(set_to_none=True)
+
+
+def run_evaluation(cfg, rt, artifact_path, val_tokens, byte_counter, log, report, eval_t0=None):
+    """Load the artifact on every rank and run plain, sliding and TTT eval as configured; fills `report`."""
+    eval_t0 = eval_t0 or time.perf_counter()
+    looped = cfg.num_loops > 0
+    if rt.compile:
+        torch._dynamo.reset()
+    timings = report.setdefault("eval_seconds", {})
+
+    def stage(name, fn):
+        rt.sync()
+        t = time.perf_counter()
+        out = fn()
+        rt.sync()
+        timings[name] = round(time.perf_counter() - t, 3)
+        return out
+
+    model = stage("load_artifact", lambda: load_artifact_model(cfg, rt, artifact_path))
+    model.eval()
+    fns = EvalFns(model, rt)
+    graphs0 = compiled_graph_count()
+    if rt.compile:
+        stage("compile_warmup", lambda: (warm_eval_graph(cfg, rt, fns.nll, looped),
+                                         warm_ttt_graphs(cfg, rt, fns, looped) if cfg.ttt_enabled else None))
+    results = report.setdefault("results", {})
+    if cfg.quantized_plain_eval:
+        t = time.perf_counter()
+        loss, bpb = stage("quantized", lambda: eval_plain(cfg, rt, fns.nll, val_tokens, byte_counter, looped))
+        log(f"quantized val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
+        results["quantized"] = {"val_loss": loss, "val_bpb": bpb}
+    if cfg.sliding_window_enabled:
+        ledger = LegalityLedger(val_tokens.numel() - 1)
+        t = time.perf_counter()
+        loss, bpb = stage("quantized_sliding_window",
+                          lambda: eval_sliding(cfg, rt, fns.nll, val_tokens, byte_counter, looped, ledger))
+        log(f"quantized_sliding_window val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+            f"eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
+        results["quantized_sliding_window"] = {"val_loss": loss, "val_bpb": bpb}
+        report["legality_sliding"] = check_legality(ledger, rt, log, "sliding")
+    if cfg.ttt_enabled:
+        ledger = LegalityLedger(val_tokens.numel() - 1)
+        t = time.perf_counter()
+        loss, bpb, info = stage("quantized_ttt", lambda: eval_ttt(
+            cfg, rt, model, fns.loss_sum, fns.nll, val_tokens, byte_counter, looped, ledger, log, eval_t0))
+        log(f"quantized_ttt val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
+        results["quantized_ttt"] = dict(val_loss=loss, val_bpb=bpb, **info)
+        report["legality"] = check_legality(ledger, rt, log, "ttt")
+    elif "legality_sliding" in report:
+        report["legality"] = report["legality_sliding"]
+    report["eval_graphs_compiled"] = compiled_graph_count() - graphs0
+    timings["total_from_artifact_load"] = round(time.perf_counter() - eval_t0, 3)
+    log(f"eval:total {timings['total_from_artifact_load']:.1f}s from artifact load (budget "
+        f"{cfg.eval_budget_seconds:g}s) stages:{json.dumps({k: v for k, v in timings.items()})}")
+    return model
+
+
+def check_legality(ledger, rt, log, stage_name):
+    """Verify the ledger, log the legality line, and raise if any position broke the rules."""
+    result = ledger.verify(rt)
+    log(legality_line(result))
+    if not (result["scored_exactly_once"] and result["score_before_update"]):
+        raise RuntimeError(f"legality violation in {stage_name} evaluation: {result}")
+    return result
+
+
+# =============================================================================================
+# REPORTING: log file, environment fingerprint, machine-readable summary
+# =============================================================================================
+
+
+class Logger:
+    """Appends lines to logs/<RUN_ID>.txt (main rank only) and echoes them to stdout, flushing each line."""
+
+    def __init__(self, cfg, rt):
+        self.enabled = rt.is_main
+        self.path = Path(cfg.log_dir) / f"{cfg.run_id}.txt"
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, line, console=True):
+        """Write one line (file always, stdout unless console=False)."""
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        if console:
+            print(line, flush=True)
+
+
+def log_header(cfg, rt, log, train_glob, val_glob, tok_path):
+    """Hyperparameter dump (sorted, record format) plus versions, backend, NCCL env and source sha256."""
+    log("=" * 100, console=False)
+    log("Hyperparameters:")
+    derived = dict(dataclasses.asdict(cfg), train_files=train_glob, val_files=val_glob, tokenizer_path=tok_path,
+                   logfile=str(log.path), world_size=rt.world_size, rank=rt.rank, local_rank=rt.local_rank,
+                   distributed=rt.distributed, grad_accum_steps=cfg.grad_accum_base // rt.world_size,
+                   device=str(rt.device), attention_backend_resolved=rt.attention_backend,
+                   compile_resolved=rt.compile, compute_dtype=str(rt.compute_dtype).replace("torch.", ""))
+    for k in sorted(derived):
+        log(f"  {k}: {derived[k]}")
+    log("=" * 100, console=False)
+    src = Path(__file__).read_bytes()
+    log(f"Running Python {sys.version.split()[0]} ({platform.platform()})", console=False)
+    log(f"Running PyTorch {torch.__version__} CUDA {torch.version.cuda} "
+        f"FA:{','.join(sorted(_FLASH)) or 'none'}", console=False)
+    log(f"source: {Path(__file__).name} sha256:{hashlib.sha256(src).hexdigest()}")
+    nccl = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL"))}
+    log(f"device:{rt.device} dtype:{str(rt.compute_dtype).replace('torch.', '')} attention:{rt.attention_backend} "
+        f"compile:{rt.compile} world_size:{rt.world_size} nccl_env:{json.dumps(nccl)}")
+    if rt.is_cuda:
+        try:
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+            log(smi, console=False)
+        except (OSError, subprocess.SubprocessError):
+            log("nvidia-smi: not available", console=False)
+        if rt.attention_backend != "fa3" and cfg.preset == "record":
+            log(f"WARNING: record preset running attention={rt.attention_backend}, not FlashAttention-3: "
+                f"step times will not match the record")
+    log("=" * 100, console=False)
+
+
+class Report:
+    """Machine-readable run summary written to logs/<RUN_ID>.summary.json after every stage (main rank)."""
+
+    def __init__(self, cfg, rt):
+        self.enabled = rt.is_main
+        self.path = Path(cfg.log_dir) / f"{cfg.run_id}.summary.json"
+        self.data = {"run_id": cfg.run_id, "seed": cfg.seed, "data_seed": cfg.data_seed, "preset": cfg.preset,
+                     "world_size": rt.world_size, "device": str(rt.device), "pytorch_version": torch.__version__,
+                     "python_version": sys.version.split()[0], "config": dataclasses.asdict(cfg)}
+
+    def setdefault(self, key, default):
+        """dict.setdefault on the summary."""
+        return self.data.setdefault(key, default)
+
+    def __setitem__(self, key, value):
+        self.data[key] = value
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def __contains__(self, key):
+        return key in self.data
+
+    def flush(self):
+        """Write the summary atomically."""
+        if self.enabled:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True, default=str))
+            os.replace(tmp, self.path)
+
+
+# =============================================================================================
+# MAIN
+# =============================================================================================
+
+
+def barrier(rt):
+    """Synchronise all ranks (no-op on one process)."""
+    if rt.distributed:
+        dist.barrier()
+
+
+def prepare_data(cfg, rt, log):
+    """Build smoke data if needed, then load tokenizer tables and validation tokens; returns paths and data."""
+    train_glob, val_glob, tok_path = data_paths(cfg)
+    if cfg.preset == "smoke" and not cfg.eval_only:
+        if rt.is_main:
+            build_smoke_data(cfg, log)
+        barrier(rt)
+    sp = load_tokenizer(tok_path, cfg.vocab_size)
+    byte_counter = ByteCounter(build_byte_tables(sp, cfg.vocab_size), rt.device)
+    val_tokens = load_validation_tokens(val_glob, cfg.eval_seq_len)
+    n_val = val_tokens.numel() - 1
+    if cfg.expected_val_tokens and n_val != cfg.expected_val_tokens:
+        raise ConfigError(f"validation set has {n_val} scored tokens but EXPECTED_VAL_TOKENS="
+                          f"{cfg.expected_val_tokens}: wrong or partial val shards in {val_glob!r} "
+                          f"(set EXPECTED_VAL_TOKENS=0 to skip this check for custom data)")
+    return train_glob, val_glob, tok_path, byte_counter, val_tokens
+
+
+def export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, log, report):
+    """Hessians (timed, inside the reserve), GPTQ, artifact write and byte accounting; returns artifact path."""
+    looped = cfg.num_loops > 0
+    log("GPTQ:collecting Hessians from calibration data...")
+    rt.sync()
+    t = time.perf_counter()
+    hessians = collect_hessians(cfg, rt, model, train_files, looped)
+    rt.sync()
+    hess_s = time.perf_counter() - t
+    log(f"GPTQ:collected {len(set(id(h) for h in hessians.values()))} Hessians "
+        f"({len(hessians)} matrices) in {hess_s:.1f}s")
+    report["hessian_seconds"] = round(hess_s, 3)
+    if hess_s > cfg.gptq_reserve_seconds:
+        log(f"WARNING: Hessian collection took {hess_s:.1f}s > GPTQ_RESERVE_SECONDS={cfg.gptq_reserve_seconds:g}: "
+            f"training-data access ran past the wallclock cap; raise GPTQ_RESERVE_SECONDS")
+    report["train_plus_calibration_seconds"] = round(stats["train_time_ms"] / 1000 + hess_s, 3)
+    t = time.perf_counter()
+    loss, bpb = eval_plain(cfg, rt, EvalFns(model, rt).nll, val_tokens, byte_counter, looped)
+    log(f"pre-quantization post-ema val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+        f"eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
+    report.setdefault("results", {})["pre_quantization_post_ema"] = {"val_loss": loss, "val_bpb": bpb}
+    raw_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    code_n, code_desc = code_bytes()
+    log(f"Serialized model: {raw_bytes} bytes")
+    log(f"Code size: {code_n} bytes ({code_desc})")
+    path = cfg.artifact_path
+    if rt.is_main:
+        t = time.perf_counter()
+        entries = quantize_state(cfg, model, hessians)
+        for line in describe_quantization(entries):
+            log(line)
+        model_bytes = write_artifact(path, entries, architecture(cfg), cfg.compressor)
+        total = model_bytes + code_n
+        log(f"Serialized model quantized+{cfg.compressor}: {model_bytes} bytes")
+        log(f"Total submission size quantized+{cfg.compressor}: {total} bytes")
+        log(f"size:headroom {cfg.size_limit_bytes - total} bytes under SIZE_LIMIT_BYTES={cfg.size_limit_bytes} "
+            f"(quantize+serialize {time.perf_counter() - t:.1f}s)")
+        report.data.update(bytes_model=model_bytes, bytes_code=code_n, bytes_total=total, artifact_path=path,
+                           code_bytes_counted=code_desc)
+        report.flush()
+        if total > cfg.size_limit_bytes:
+            raise RuntimeError(f"artifact total {total} bytes exceeds SIZE_LIMIT_BYTES={cfg.size_limit_bytes}: "
+                               f"raise MATRIX_CLIP_SIGMAS / lower bits or model size (artifact kept at {path})")
+    del hessians
+    barrier(rt)
+    return path
+
+
+def run(cfg, rt, log):
+    """The whole pipeline for one rank: data -> model -> train -> export -> evaluate -> summary."""
+    report = Report(cfg, rt)
+    train_glob, val_glob, tok_path = data_paths(cfg)
+    log_header(cfg, rt, log, train_glob, val_glob, tok_path)
+    model = build_model(cfg, rt)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model_params:{n_params}")
+    predicted = predicted_artifact_bytes(cfg, model) + code_bytes()[0]
+    log(f"preflight:predicted artifact total ~{predicted} bytes (limit {cfg.size_limit_bytes})")
+    report.data.update(model_params=n_params, predicted_bytes_total=predicted)
+    if predicted > PREFLIGHT_TOLERANCE * cfg.size_limit_bytes:
+        raise ConfigError(f"predicted artifact ~{predicted} bytes exceeds SIZE_LIMIT_BYTES={cfg.size_limit_bytes} "
+                          f"by more than the estimate's error: shrink the model or raise MATRIX_CLIP_SIGMAS / lower "
+                          f"MATRIX_BITS before training")
+    if predicted > cfg.size_limit_bytes:
+        log("WARNING: predicted artifact is within the estimate's error of SIZE_LIMIT_BYTES; the real size is "
+            "checked after quantisation")
+    if cfg.dry_run:
+        log("dry_run: config, model and optimizers built; exiting before any data is read")
+        build_optimizers(cfg, rt, model)
+        return report
+    train_glob, val_glob, tok_path, byte_counter, val_tokens = prepare_data(cfg, rt, log)
+    train_files = [] if cfg.eval_only else resolve_files(train_glob, "train")
+    log(f"train_shards: {len(train_files)}")
+    log(f"val_tokens: {val_tokens.numel() - 1}")
+    if cfg.eval_only:
+        log(f"eval_only: scoring {cfg.eval_only}")
+        run_evaluation(cfg, rt, cfg.eval_only, val_tokens, byte_counter, log, report)
+    else:
+        stats = train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log)
+        report.data.update(steps=stats["steps"], train_time_ms=round(stats["train_time_ms"], 1),
+                           loop_enabled_step=stats["loop_enabled_step"], step0_val_bpb=stats.get("step0_val_bpb"),
+                           final_val_bpb_in_loop=stats.get("final_val_bpb"),
+                           recompiles_in_loop=stats["recompiles_in_loop"])
+        report.flush()
+        post_train_t0 = time.perf_counter()
+        path = export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, log, report)
+        del model
+        rt.empty_cache()
+        run_evaluation(cfg, rt, path, val_tokens, byte_counter, log, report)
+        report["post_training_seconds"] = round(time.perf_counter() - post_train_t0, 3)
+        log(f"post_training:total {report['post_training_seconds']:.1f}s from end of training to final score")
+    if "legality" in report:
+        report["compliance"] = {"score_first_ttt": bool(cfg.ttt_enabled),
+                                "scored_exactly_once": report["legality"]["scored_exactly_once"],
+                                "score_before_update": report["legality"]["score_before_update"]}
+    report.flush()
+    log(f"summary: {report.path}")
+    return report
+
+
+def pack_command(argv):
+    """`python3 train_gpt.py pack [OUT]`: write the self-extracting copy (default dist/train_gpt.py)."""
+    out = Path(argv[0]) if argv else Path("dist") / "train_gpt.py"
+    packed = pack_source(Path(__file__).read_text(encoding="utf-8"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(packed, encoding="utf-8")
+    print(f"wrote {out}: {len(packed.encode('utf-8'))} bytes (source {Path(__file__).stat().st_size} bytes)")
+
+
+def main(argv=None):
+    """Entry point: `pack` subcommand, or a full run configured by env vars (see README)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "pack":
+        pack_command(argv[1:])
+        return 0
+    try:
+        cfg = load_config()
+        rt = setup_runtime(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    log = Logger(cfg, rt)
+    try:
+        run(cfg, rt, log)
+    except (ConfigError, ArtifactError) as e:
+        log(f"error: {e}")
+        print(f"[rank {rt.rank}] error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except BaseException:
+        log("error: unhandled exception\n" + traceback.format_exc())
+        print(f"[rank {rt.rank}] " + traceback.format_exc(), file=sys.stderr, flush=True)
+        raise
+    finally:
+        if rt.distributed and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
