@@ -1099,8 +1099,8 @@ def training_fraction(cfg, elapsed_ms, step):
     return elapsed_ms / budget if budget > 0 else step / max(cfg.iterations, 1)
 
 
-def all_reduce_grads(params, rt, average=True):
-    """Sum (average=False) or average gradients across ranks with one flat all-reduce per dtype."""
+def all_reduce_grads(params, rt):
+    """Sum gradients across ranks (one flat all-reduce per dtype); losses are pre-divided by global counts."""
     if not rt.distributed:
         return
     by_dtype = {}
@@ -1111,8 +1111,6 @@ def all_reduce_grads(params, rt, average=True):
     for grads in by_dtype.values():
         flat = torch.cat([g.reshape(-1) for g in grads])
         all_reduce_(flat, rt)
-        if average:
-            flat.div_(rt.world_size)
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -1238,7 +1236,7 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
     averager = WeightAverager(cfg, model)
     clock = TrainClock(rt)
     looped, stop_at, step = False, None, 0
-    stats = {"loop_enabled_step": None}
+    stats = {"loop_enabled_step": None, "train_losses": []}
     clock.start()
     while True:
         last = step >= cfg.iterations or (stop_at is not None and step >= stop_at)
@@ -1264,9 +1262,10 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
         step += 1
         averager.update(step, frac)
         if step <= 5 or (cfg.train_log_every > 0 and step % cfg.train_log_every == 0):
-            elapsed = clock.ms()
+            elapsed, loss_value = clock.ms(), loss.item()
             tok_s = step * cfg.train_batch_tokens / max(elapsed / 1000.0, 1e-9)
-            log(f"{step}/{cfg.iterations} train_loss: {loss.item():.4f} train_time: {elapsed / 60000:.1f}m "
+            stats["train_losses"].append([step, loss_value])
+            log(f"{step}/{cfg.iterations} train_loss: {loss_value:.4f} train_time: {elapsed / 60000:.1f}m "
                 f"tok/s: {tok_s:.0f}")
         if budget > 0:
             reached = torch.tensor(float(clock.ms() >= budget), device=rt.device)
@@ -1781,7 +1780,7 @@ def ttt_train_chunk(cfg, rt, model, loss_sum_fn, optimizer, tokens, c0, c1, lr, 
             with rt.autocast():
                 loss = loss_sum_fn(x, y, looped) * (x.numel() / (n_seq * L))
             loss.backward()
-        all_reduce_grads(params, rt, average=False)
+        all_reduce_grads(params, rt)
         if cfg.ttt_grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
         optimizer.step()
@@ -2130,7 +2129,7 @@ def run(cfg, rt, log):
         report.data.update(steps=stats["steps"], train_time_ms=round(stats["train_time_ms"], 1),
                            loop_enabled_step=stats["loop_enabled_step"], step0_val_bpb=stats.get("step0_val_bpb"),
                            final_val_bpb_in_loop=stats.get("final_val_bpb"),
-                           recompiles_in_loop=stats["recompiles_in_loop"])
+                           recompiles_in_loop=stats["recompiles_in_loop"], train_losses=stats["train_losses"])
         report.flush()
         post_train_t0 = time.perf_counter()
         path = export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, log, report)
