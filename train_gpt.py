@@ -1336,9 +1336,9 @@ def collect_hessians(cfg, rt, model, train_files, looped):
 
 
 def sdclip_scales(W, bits, clip_sigmas):
-    """Per-row fp16-rounded scales k*std(row)/Q (floored at 1e-10), returned as fp32 (r,)."""
+    """Per-row fp16-rounded scales k*std(row)/Q, floored at the smallest fp16 subnormal, as fp32 (r,)."""
     qmax = 2 ** (bits - 1) - 1
-    return (clip_sigmas * W.float().std(dim=1) / qmax).clamp_min(1e-10).half().float()
+    return (clip_sigmas * W.float().std(dim=1) / qmax).half().float().clamp_min(2.0 ** -24)
 
 
 def quantize_rtn(W, scales, bits):
@@ -1521,8 +1521,9 @@ def deserialize_entries(blob, path="<bytes>"):
         for key in ("q", "scale", "data"):
             if key in row:
                 off, length, dtype, shape = row[key]
-                if dtype not in np_types or base + off + length > len(blob):
-                    raise ArtifactError(f"{path}: tensor {row['name']} has a bad dtype or lies outside the file")
+                if dtype not in np_types or off < 0 or base + off + length > len(blob) \
+                        or length != np.dtype(np_types[dtype]).itemsize * math.prod(shape):
+                    raise ArtifactError(f"{path}: tensor {row['name']} has a bad dtype, size or offset")
                 arr = np.frombuffer(blob, dtype=np_types[dtype], count=length // np.dtype(np_types[dtype]).itemsize,
                                     offset=base + off).reshape(shape)
                 e[key] = torch.from_numpy(arr.copy())
@@ -1564,7 +1565,12 @@ def read_artifact(path):
     if comp_id not in names:
         raise ArtifactError(f"{path} names unknown compressor id {comp_id}")
     _, decompress = get_compressor(names[comp_id])
-    return deserialize_entries(byte_unshuffle(decompress(payload)), path)
+    try:
+        return deserialize_entries(byte_unshuffle(decompress(payload)), path)
+    except ArtifactError:
+        raise
+    except Exception as e:
+        raise ArtifactError(f"{path}: payload does not decode as a tensor table ({type(e).__name__}: {e})") from None
 
 
 def architecture(cfg):
@@ -1778,7 +1784,7 @@ def ttt_train_chunk(cfg, rt, model, loss_sum_fn, optimizer, tokens, c0, c1, lr, 
             chunk = tokens[a:a + len(seqs) * L + 1].to(rt.device)
             x, y = chunk[:-1].view(len(seqs), L), chunk[1:].view(len(seqs), L)
             with rt.autocast():
-                loss = loss_sum_fn(x, y, looped) * (x.numel() / (n_seq * L))
+                loss = loss_sum_fn(x, y, looped) / (n_seq * L)  # summed over ranks = chunk mean CE
             loss.backward()
         all_reduce_grads(params, rt)
         if cfg.ttt_grad_clip > 0:
@@ -1851,7 +1857,7 @@ def warm_eval_graph(cfg, rt, nll_fn, looped):
     """Compile the eval forward for the fixed (EVAL_BATCH_SEQS, EVAL_SEQ_LEN) shape on synthetic tokens."""
     x = torch.zeros(cfg.eval_batch_seqs, cfg.eval_seq_len, dtype=torch.int64, device=rt.device)
     with torch.no_grad(), rt.autocast():
-        nll_fn(x, x, looped)
+        nll_fn(x, torch.zeros_like(x), looped)  # distinct tensors: dynamo guards on aliasing
 
 
 def warm_ttt_graphs(cfg, rt, fns, looped):
@@ -1862,7 +1868,7 @@ def warm_ttt_graphs(cfg, rt, fns, looped):
         return
     x = torch.zeros(n_mine, cfg.eval_seq_len, dtype=torch.int64, device=rt.device)
     with rt.autocast():
-        loss = fns.loss_sum(x, x, looped)
+        loss = fns.loss_sum(x, torch.zeros_like(x), looped)
     loss.backward()
     fns.model.zero_grad(set_to_none=True)
 

@@ -138,6 +138,18 @@ def test_sampler_picks_shards_proportionally_to_remaining():
     assert 0.68 < share < 0.82, share  # expected ~0.75
 
 
+def test_sampler_phase_range_uses_every_allowed_phase_and_no_other():
+    """phase in [0, min(L-1, n-L-1)] (uniform): a 100-token shard allows phases 0..35 and always >= 1 sequence."""
+    n = 100
+    phases = set()
+    for seed in range(400):
+        sampler = tg.GlobalSequenceSampler([n], L, seed=seed)
+        (shard, start), = sampler.draw(1)
+        assert shard == 0 and start + L + 1 <= n
+        phases.add(start)
+    assert phases == set(range(0, n - L - 1 + 1))
+
+
 def test_sampler_rejects_shards_without_a_full_sequence():
     with pytest.raises(tg.ConfigError):
         tg.GlobalSequenceSampler([10, L], L, seed=0)
@@ -282,6 +294,13 @@ def check_table_rules(sp, vocab_size):
     return base, space, boundary
 
 
+def assert_leading_space_rule(counter, word_id, word_bytes):
+    """A '▁word' target costs its space byte after a normal token, not after BOS/control tokens."""
+    prev = torch.tensor([tg.BOS_ID, 0, 2, word_id, 300])
+    got = counter.count(prev, torch.full((5,), word_id)).tolist()
+    assert got == [word_bytes, word_bytes, word_bytes, word_bytes + 1, word_bytes + 1]
+
+
 def test_byte_tables_and_counts_on_real_sp8192(shared_tokenizer):
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(shared_tokenizer))
@@ -289,9 +308,7 @@ def test_byte_tables_and_counts_on_real_sp8192(shared_tokenizer):
     base, space, boundary = check_table_rules(sp, 8192)
     the = sp.piece_to_id("\u2581the")
     assert the != sp.unk_id() and space[the] and base[the] == 3
-    counter = tg.ByteCounter((base, space, boundary), CPU)
-    prev = torch.tensor([tg.BOS_ID, the])
-    assert counter.count(prev, torch.tensor([the, the])).tolist() == [3, 4]  # space after BOS is free
+    assert_leading_space_rule(tg.ByteCounter((base, space, boundary), CPU), the, 3)
     docs = real_text_samples()
     assert len(docs) >= 7
     assert_byte_sums_exact(sp, 8192, docs)
@@ -320,7 +337,13 @@ def small_sp(tmp_path_factory):
 def test_byte_counts_with_a_freshly_trained_tokenizer(small_sp):
     sp, docs = small_sp
     assert sp.get_piece_size() <= 400 and sp.bos_id() == tg.BOS_ID
-    check_table_rules(sp, 400)
+    base, space, boundary = check_table_rules(sp, 400)
+    words = [i for i in range(sp.get_piece_size())
+             if sp.id_to_piece(i).startswith("\u2581") and sp.id_to_piece(i)[1:].isalpha()]
+    word = max(words, key=lambda i: len(sp.id_to_piece(i)))
+    n_bytes = len(sp.id_to_piece(word)) - 1
+    assert n_bytes >= 2 and space[word] and base[word] == n_bytes
+    assert_leading_space_rule(tg.ByteCounter((base, space, boundary), CPU), word, n_bytes)
     held_out = [d[:4000] for d in docs[1::9][:5]]
     assert_byte_sums_exact(sp, 400, held_out + real_text_samples(max_files=2, chunk=2000))
 

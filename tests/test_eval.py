@@ -327,9 +327,6 @@ def test_train_before_score_is_caught_by_the_ledger(cpu_runtime, tiny_setup):
     assert np.any(per[32:44] != per2[32:44])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ttt_train_chunk differentiates the SUM of the chunk's NLL "
-                                       "(EvalFns.loss_sum times my_tokens/all_tokens) instead of the mean CE of "
-                                       "RECORD §9.3c, so every TTT gradient is chunk_tokens times too large")
 def test_ttt_step_is_plain_sgd_on_the_chunk_mean_cross_entropy(cpu_runtime, tiny_setup):
     _, base_model, _, _, tokens = tiny_setup
     cfg = ttt_cfg(ttt_grad_clip=0.0, ttt_epochs=1, ttt_momentum=0.0)  # no clip/momentum: Δθ = −lr·∇

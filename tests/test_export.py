@@ -377,9 +377,6 @@ def _blob(table_obj, tail=b"\0" * 16):
     return b"PGQT" + struct.pack("<I", len(header)) + header + tail
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: read_artifact lets decompressor/struct/KeyError/numpy errors escape "
-                                       "(or accepts out-of-section offsets) for a container whose sha256 is valid; "
-                                       "its contract is ArtifactError naming the file for anything unexpected")
 @pytest.mark.parametrize("case", ["not_compressed", "wrong_compressor_id", "blob_too_short", "no_arch_key",
                                   "shape_mismatch", "offset_into_header"])
 def test_valid_container_with_malformed_payload_raises_artifact_error(tmp_path, case, no_unpickling):
