@@ -83,3 +83,19 @@ def run_script(env_overrides, tmp_path, script=None, nproc=None, timeout=600, ar
 def read_log(tmp_path, run_id):
     """Text of logs/<run_id>.txt under tmp_path's LOG_DIR."""
     return (tmp_path / "logs" / f"{run_id}.txt").read_text()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """`PRESET=smoke python3 train_gpt.py` exactly as a fresh clone runs it (builds its own data):
+    returns (log text, summary dict, wall seconds)."""
+    import json
+    import time
+    run_dir = tmp_path_factory.mktemp("smoke_run")
+    t0 = time.time()
+    proc = run_script({"PRESET": "smoke", "RUN_ID": "smoke_test", "DATA_DIR": run_dir / "data"}, run_dir,
+                      timeout=1200)
+    wall = time.time() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return (read_log(run_dir, "smoke_test"),
+            json.loads((run_dir / "logs" / "smoke_test.summary.json").read_text()), wall)

@@ -480,21 +480,9 @@ def test_packed_copy_runs_exactly_like_the_source(tmp_path, tmp_path_factory, pa
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-    """Run the real `PRESET=smoke python3 train_gpt.py` once: (log text, summary dict)."""
-    data_dir, _, _ = ph.smoke_data(tmp_path_factory)
-    run_dir = tmp_path_factory.mktemp("smoke_run")
-    env = {"PRESET": "smoke", "DATA_DIR": data_dir, "LOG_DIR": run_dir, "RUN_ID": "smoke_test",
-           "ARTIFACT_PATH": run_dir / "smoke_model.int6.ptz"}
-    ph.run_script(ph.SCRIPT, env, cwd=run_dir, timeout=1800)
-    return ((run_dir / "smoke_test.txt").read_text(),
-            json.loads((run_dir / "smoke_test.summary.json").read_text()))
-
-
 @pytest.mark.slow
 def test_smoke_quantization_costs_less_than_005_bpb(smoke_run):
-    log, summary = smoke_run
+    log, summary, _ = smoke_run
     pre_loss, pre_bpb = map(float, ph.metric(log, "pre-quantization post-ema"))
     q_loss, q_bpb = map(float, ph.metric(log, "quantized"))
     assert abs(q_bpb - pre_bpb) <= 0.05, (pre_bpb, q_bpb)
