@@ -872,7 +872,7 @@ class GPT(nn.Module):
         """ids (B,T) int64 -> final RMS-normalised hidden states (B,T,D)."""
         T = ids.size(1)
         cos, sin = rope_tables(T, self.cfg.rope_dims, self.cfg.rope_base, self.cfg.train_seq_len, ids.device)
-        x = rms_norm(self.tok_emb(ids))
+        x = rms_norm(self.tok_emb(ids).float())  # the residual stream is fp32; matmuls autocast
         x0 = x
         encoder, decoder = self.layouts[bool(looped)]
         stack = []
@@ -1037,8 +1037,8 @@ class WeightAverager:
     def update(self, step, frac):
         """Fold the current weights in (EMA every step; SWA every swa_every steps once frac >= start)."""
         if self.mode == "ema":
-            for s, p in zip(self.shadow, self.params):
-                s.lerp_(p.detach().float(), 1.0 - self.decay)
+            current = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in self.params]
+            torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
         elif self.mode == "swa" and frac >= self.swa_start and step % self.swa_every == 0:
             for s, p in zip(self.shadow, self.params):
                 s.add_(p.detach().float())
@@ -1544,9 +1544,13 @@ def write_artifact(path, entries, arch, compressor):
     return os.path.getsize(path)
 
 
-def read_artifact(path):
-    """Verify and decode an artifact file into (entries, arch); ArtifactError on anything unexpected."""
-    data = Path(path).read_bytes()
+def read_artifact(path, data=None):
+    """Verify and decode an artifact (its file, or its bytes `data`) into (entries, arch); ArtifactError
+    on anything unexpected."""
+    if data is None:
+        if not Path(path).is_file():  # also reached when rank 0 found no file to broadcast
+            raise ArtifactError(f"{path} does not exist: check ARTIFACT_PATH / EVAL_ONLY")
+        data = Path(path).read_bytes()
     if data[:4] != ARTIFACT_MAGIC:
         hint = " (it looks like a pickle/torch.save file, which this loader never unpickles)" \
             if data[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") else ""
@@ -1578,9 +1582,23 @@ def architecture(cfg):
     return {k: getattr(cfg, k) for k in ARCH_FIELDS}
 
 
+def shared_file_bytes(path, rt):
+    """Bytes of `path` as read from disk by rank 0, broadcast to every rank (works across nodes)."""
+    if not rt.distributed:
+        return Path(path).read_bytes() if Path(path).is_file() else None
+    data = Path(path).read_bytes() if rt.is_main and Path(path).is_file() else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=rt.device)
+    dist.broadcast(size, src=0)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=rt.device)
+    if rt.is_main and data:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(rt.device))
+    dist.broadcast(buf, src=0)
+    return buf.cpu().numpy().tobytes() if size.item() else None
+
+
 def load_artifact_model(cfg, rt, path):
-    """Every rank: read the artifact, check its architecture against the config, return a fresh eval model."""
-    entries, arch = read_artifact(path)
+    """Every rank: decode the artifact rank 0 read from disk, check its architecture, return a fresh model."""
+    entries, arch = read_artifact(path, shared_file_bytes(path, rt))
     diff = {k: (v, getattr(cfg, k, None)) for k, v in arch.items() if getattr(cfg, k, None) != v}
     if diff:
         fixes = ", ".join(f"{k.upper()}={v[0]}" for k, v in sorted(diff.items()))
@@ -1867,10 +1885,12 @@ def warm_ttt_graphs(cfg, rt, fns, looped):
     if n_mine == 0:
         return
     x = torch.zeros(n_mine, cfg.eval_seq_len, dtype=torch.int64, device=rt.device)
+    fns.model.train()  # the mode ttt_train_chunk trains in (dynamo guards on it)
     with rt.autocast():
         loss = fns.loss_sum(x, torch.zeros_like(x), looped)
     loss.backward()
     fns.model.zero_grad(set_to_none=True)
+    fns.model.eval()
 
 
 def run_evaluation(cfg, rt, artifact_path, val_tokens, byte_counter, log, report, eval_t0=None):
@@ -1896,6 +1916,7 @@ def run_evaluation(cfg, rt, artifact_path, val_tokens, byte_counter, log, report
     if rt.compile:
         stage("compile_warmup", lambda: (warm_eval_graph(cfg, rt, fns.nll, looped),
                                          warm_ttt_graphs(cfg, rt, fns, looped) if cfg.ttt_enabled else None))
+    graphs_warm = compiled_graph_count()
     results = report.setdefault("results", {})
     if cfg.quantized_plain_eval:
         t = time.perf_counter()
@@ -1922,6 +1943,10 @@ def run_evaluation(cfg, rt, artifact_path, val_tokens, byte_counter, log, report
     elif "legality_sliding" in report:
         report["legality"] = report["legality_sliding"]
     report["eval_graphs_compiled"] = compiled_graph_count() - graphs0
+    report["eval_recompiles_after_warmup"] = compiled_graph_count() - graphs_warm
+    if rt.compile:
+        log(f"compile:eval graphs warmed {graphs_warm - graphs0}, compiled after warmup "
+            f"{report['eval_recompiles_after_warmup']}")
     timings["total_from_artifact_load"] = round(time.perf_counter() - eval_t0, 3)
     log(f"eval:total {timings['total_from_artifact_load']:.1f}s from artifact load (budget "
         f"{cfg.eval_budget_seconds:g}s) stages:{json.dumps({k: v for k, v in timings.items()})}")

@@ -94,3 +94,31 @@ def test_timed_steps_with_loop_switch_and_eval_compile_nothing_new(warmed):
     tg.eval_plain(cfg, rt, trainer.nll_fn, val, tg.ByteCounter(tables, rt.device), looped=True)
     assert tg.compiled_graph_count() == graphs
     assert tg.state_checksum(trainer.model) != before
+
+
+def test_compiled_evaluation_of_a_fresh_artifact_model_matches_eager(warmed, tmp_path):
+    """After training: dynamo reset, fresh model from the artifact, compiled eval (plain, sliding, TTT) with
+    every graph warmed on synthetic tokens first; no graph is compiled while scoring, numbers match eager."""
+    cfg, rt, model = warmed["cfg"], warmed["rt"], warmed["trainer"].model
+    gen = torch.Generator().manual_seed(0)
+    hessians = {}
+    for name, p in model.state_dict().items():
+        if p.ndim == 2 and p.numel() > cfg.quant_min_numel:
+            X = torch.randn(256, p.size(1), generator=gen)
+            hessians[name] = X.T @ X
+    path = tmp_path / "m.ptz"
+    tg.write_artifact(path, tg.quantize_state(cfg, model, hessians), tg.architecture(cfg), "brotli")
+    val = torch.from_numpy(np.concatenate([[1], np.random.default_rng(1).integers(0, cfg.vocab_size, 160)]))
+    tables = (np.ones(cfg.vocab_size, np.int16), np.zeros(cfg.vocab_size, bool), np.zeros(cfg.vocab_size, bool))
+    counter = tg.ByteCounter(tables, rt.device)
+    reports = {}
+    for compiled in (True, False):
+        runtime = dataclasses.replace(rt, compile=compiled)
+        reports[compiled] = {}
+        tg.run_evaluation(cfg, runtime, path, val, counter, lambda *a, **k: None, reports[compiled])
+    assert reports[True]["eval_recompiles_after_warmup"] == 0
+    assert reports[True]["eval_graphs_compiled"] >= 2
+    for stage in ("quantized", "quantized_sliding_window", "quantized_ttt"):
+        a, b = reports[True]["results"][stage]["val_bpb"], reports[False]["results"][stage]["val_bpb"]
+        assert abs(a - b) <= 1e-4 * b, (stage, a, b)
+    assert reports[True]["results"]["quantized_ttt"]["sgd_steps"] > 0

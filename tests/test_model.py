@@ -154,20 +154,24 @@ def run_block(block, cfg, x, x0):
         return block(x, x0, cos, sin)
 
 
-# (layer index, XSA_LAST_N, ROPE_DIMS) with NUM_LAYERS=5 and PARALLEL_RESIDUAL_START=3
+# (layer index, XSA_LAST_N, ROPE_DIMS, (MODEL_DIM, NUM_HEADS, NUM_KV_HEADS)), NUM_LAYERS=5, PARALLEL_RESIDUAL_START=3
 BLOCK_CASES = [
-    (1, 3, 4),  # sequential, no XSA
-    (2, 3, 4),  # sequential, XSA
-    (3, 3, 4),  # parallel, XSA
-    (4, 0, 4),  # parallel, no XSA
-    (0, 5, 8),  # sequential, XSA, RoPE on the full head dim
-    (3, 0, 2),  # parallel, no XSA, a single rotary pair
+    (1, 3, 4, (32, 4, 2)),  # sequential, no XSA
+    (2, 3, 4, (32, 4, 2)),  # sequential, XSA
+    (3, 3, 4, (32, 4, 2)),  # parallel, XSA
+    (4, 0, 4, (32, 4, 2)),  # parallel, no XSA
+    (0, 5, 8, (32, 4, 2)),  # sequential, XSA, RoPE on the full head dim
+    (3, 0, 2, (32, 4, 2)),  # parallel, no XSA, a single rotary pair
+    (2, 3, 4, (48, 6, 2)),  # sequential, XSA, 3 query heads per KV head
+    (4, 2, 6, (48, 6, 3)),  # parallel, XSA, 2 query heads per KV head, 3 KV heads
 ]
 
 
-@pytest.mark.parametrize("layer_idx,xsa_last_n,rope_dims", BLOCK_CASES)
-def test_block_forward_matches_hand_computation(layer_idx, xsa_last_n, rope_dims):
-    cfg = tiny_config(xsa_last_n=xsa_last_n, rope_dims=rope_dims, rope_base=100.0)
+@pytest.mark.parametrize("layer_idx,xsa_last_n,rope_dims,heads", BLOCK_CASES)
+def test_block_forward_matches_hand_computation(layer_idx, xsa_last_n, rope_dims, heads):
+    dim, h, hkv = heads
+    cfg = tiny_config(xsa_last_n=xsa_last_n, rope_dims=rope_dims, rope_base=100.0, model_dim=dim, num_heads=h,
+                      num_kv_heads=hkv)
     expect_parallel = layer_idx >= cfg.parallel_residual_start
     expect_xsa = layer_idx >= cfg.num_layers - xsa_last_n
     torch.manual_seed(layer_idx)
@@ -217,6 +221,29 @@ def test_partial_rope_only_touches_rope_dims():
     rq, rk = tg.apply_partial_rope(q, cos, sin), tg.apply_partial_rope(k, cos, sin)
     dots = (rq[0, :, 0] @ rk[0, :, 0].T)
     torch.testing.assert_close(dots.diagonal(-2), torch.full((8,), dots[2, 0].item()), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_tables_and_ntk_rescaling():
+    cpu = torch.device("cpu")
+    cos, sin = tg.rope_tables(12, 8, 10000.0, 16, cpu)
+    j = torch.arange(4, dtype=torch.float64)
+    ang = torch.arange(12, dtype=torch.float64)[:, None] * 10000.0 ** (-2 * j / 8)
+    torch.testing.assert_close(cos.double(), ang.cos(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(sin.double(), ang.sin(), rtol=0, atol=1e-5)
+    # eval longer than training: base * (L/train_len)^(d/(d-2)); the first 16 rows change
+    cos2, sin2 = tg.rope_tables(32, 8, 10000.0, 16, cpu)
+    base = 10000.0 * 2.0 ** (8 / 6)
+    ang = torch.arange(32, dtype=torch.float64)[:, None] * base ** (-2 * j / 8)
+    torch.testing.assert_close(cos2.double(), ang.cos(), rtol=0, atol=1e-5)
+    assert (sin2[:12] - sin).abs().max() > 1e-3
+
+
+@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
+                   reason="BUG: rope_tables NTK exponent rope_dims/(rope_dims-2) divides by zero for ROPE_DIMS=2 "
+                          "(accepted by validate_config) as soon as EVAL_SEQ_LEN > TRAIN_SEQ_LEN")
+def test_rope_tables_two_rope_dims_longer_than_training():
+    cos, sin = tg.rope_tables(32, 2, 10000.0, 16, torch.device("cpu"))
+    assert cos.shape == (32, 1) and torch.isfinite(cos).all() and torch.isfinite(sin).all()
 
 
 def test_rope_dims_change_block_output():
@@ -466,6 +493,13 @@ def test_resolve_attention_backend_on_cpu(monkeypatch):
     for name in ("fa3", "fa2"):
         with pytest.raises(tg.ConfigError, match=f"ATTENTION_BACKEND={name}"):
             tg.resolve_attention_backend(name, cpu)
-    # even with a (fake) FA3 importable, 'auto' on CPU stays on SDPA
-    monkeypatch.setitem(sys.modules, "flash_attn_interface", FakeFlash(4, 2, True).as_module("x"))
+    # even with a (fake) FA3 importable or already loaded, 'auto' on CPU stays on SDPA, and an explicit
+    # request for a module that is importable but not injected still needs CUDA
+    fake = FakeFlash(4, 2, True).as_module("flash_attn_interface")
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", fake)
     assert tg.resolve_attention_backend("auto", cpu) == "sdpa"
+    with pytest.raises(tg.ConfigError, match="CUDA"):
+        tg.resolve_attention_backend("fa3", cpu)
+    tg._FLASH["fa3"] = fake
+    assert tg.resolve_attention_backend("auto", cpu) == "sdpa"
+    assert tg.resolve_attention_backend("fa3", cpu) == "fa3"
