@@ -11,7 +11,6 @@ training loop -> export -> evaluation -> reporting -> main.
 import base64
 import copy
 import dataclasses
-import difflib
 import glob
 import hashlib
 import io
@@ -184,6 +183,17 @@ def parse_env_value(name, raw, typ):
         raise ConfigError(f"{name}={raw!r} is not a valid {typ.__name__}") from None
 
 
+def edit_distance(a, b):
+    """Optimal-string-alignment distance (insert, delete, substitute, swap adjacent) between two strings."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
 def check_env_typos(environ):
     """Raise ConfigError for env vars that look like a misspelt field (e.g. TTT_EPOCH) or another script's name."""
     names = [f.name.upper() for f in dataclasses.fields(Hyperparameters)]
@@ -195,7 +205,7 @@ def check_env_typos(environ):
             raise ConfigError(f"{key} is not read by this script; set {KNOWN_ALIASES[key]} instead")
         if key.split("_")[0] not in prefixes:
             continue
-        close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+        close = [n for n in names if edit_distance(key, n) <= (2 if min(len(key), len(n)) >= 12 else 1)]
         if close:
             raise ConfigError(f"unknown environment variable {key}: did you mean {close[0]}? "
                               f"(unset {key} or rename it)")
@@ -225,6 +235,9 @@ def validate_config(cfg, world_size):
         if not cond:
             raise ConfigError(msg)
 
+    for name in ("num_heads", "num_kv_heads", "model_dim", "num_layers", "train_seq_len", "train_batch_tokens",
+                 "grad_accum_base", "eval_seq_len", "eval_batch_seqs", "ttt_chunk_tokens", "vocab_size"):
+        need(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)} must be positive")
     need(cfg.num_heads % cfg.num_kv_heads == 0,
          f"NUM_HEADS={cfg.num_heads} must be a multiple of NUM_KV_HEADS={cfg.num_kv_heads}")
     need(cfg.model_dim % cfg.num_heads == 0,
@@ -579,7 +592,7 @@ def smoke_corpus_documents(max_bytes):
         total += len(text.encode("utf-8"))
         if total >= max_bytes:
             break
-    if len(docs) < 50:
+    if len(docs) < 50 and total < max_bytes:
         raise ConfigError(f"found only {len(docs)} standard-library sources under {root} for the smoke corpus")
     return docs
 
@@ -732,7 +745,7 @@ def exclusive_self_attention(y, v):
 def rope_tables(seq_len, rope_dims, base, train_seq_len, device):
     """(cos, sin) of shape (seq_len, rope_dims/2), NTK-rescaling the base when seq_len > train_seq_len."""
     if seq_len > train_seq_len:
-        base = base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
+        base = base * (seq_len / train_seq_len) ** (rope_dims / max(rope_dims - 2, 1))
     half = rope_dims // 2
     inv_freq = base ** (-torch.arange(half, dtype=torch.float32, device=device) * 2.0 / rope_dims)
     angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]

@@ -58,18 +58,28 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def smoke_data_dir(tmp_path_factory):
     """A DATA_DIR holding the smoke tokenizer and shards, built once per test session from stdlib text."""
-    root = tmp_path_factory.mktemp("smoke_data")
-    cfg = tg.Hyperparameters(**dict(tg.SMOKE_PRESET, preset="smoke", data_dir=str(root)))
-    tg.build_smoke_data(cfg, lambda line: None)
-    return root
+    import pipeline_helpers
+    return pipeline_helpers.smoke_data(tmp_path_factory)[0]
 
 
-def run_script(env_overrides, tmp_path, script=None, nproc=None, timeout=600, args=()):
-    """Run train_gpt.py (or `script`) in a subprocess with a clean env plus overrides; returns CompletedProcess."""
+def clean_env(extra, single_thread=True):
+    """os.environ without the script's config vars (or their known aliases), plus `extra` (stringified).
+
+    single_thread pins OpenMP/MKL to one thread: on a loaded 2-core box tiny models run ~10x faster so.
+    """
+    drop = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)} | {"PRESET"} | set(tg.KNOWN_ALIASES)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    if single_thread:
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_script(env_overrides, tmp_path, script=None, nproc=None, timeout=600, args=(), single_thread=True):
+    """Run train_gpt.py (or `script`), under torchrun when nproc is set, with a clean env plus overrides."""
     import subprocess
-    env = {k: v for k, v in os.environ.items()
-           if k.upper() not in {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)} and k != "PRESET"}
-    env.update({k: str(v) for k, v in env_overrides.items()})
+    env = clean_env(env_overrides, single_thread)
     env.setdefault("LOG_DIR", str(tmp_path / "logs"))
     target = str(script or ROOT / "train_gpt.py")
     if nproc:
@@ -94,8 +104,17 @@ def smoke_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke_run")
     t0 = time.time()
     proc = run_script({"PRESET": "smoke", "RUN_ID": "smoke_test", "DATA_DIR": run_dir / "data"}, run_dir,
-                      timeout=1200)
+                      timeout=1200, single_thread=False)
     wall = time.time() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     return (read_log(run_dir, "smoke_test"),
             json.loads((run_dir / "logs" / "smoke_test.summary.json").read_text()), wall)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention (and OpenMP spinning) on a 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import ROOT, tg
+from conftest import ROOT, clean_env, tg
 
 SCRIPT = ROOT / "train_gpt.py"
 
@@ -92,15 +92,6 @@ def byte_counts_by_hand(tables, prev, target):
 # ---------------------------------------------------------------------------------------------
 # Subprocess pipeline helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def clean_env(extra):
-    """os.environ without any of the script's config vars (or their known aliases), plus `extra`."""
-    drop = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)} | {"PRESET"} | set(tg.KNOWN_ALIASES)
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 def run_script(script, env_extra, cwd, args=(), timeout=600):

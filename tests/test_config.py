@@ -138,17 +138,11 @@ def test_loop_range_ignored_without_loops():
     tg.validate_config(tiny_config(num_loops=0, loop_start=3, loop_end=9), 1)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="BUG: validate_config accepts non-positive TTT_CHUNK_TOKENS (0 % EVAL_SEQ_LEN == 0); "
-                          "eval_ttt then divides by it")
 def test_validate_rejects_zero_ttt_chunk():
     with pytest.raises(tg.ConfigError, match="TTT_CHUNK_TOKENS"):
         tg.validate_config(tiny_config(ttt_chunk_tokens=0), 1)
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                   reason="BUG: validate_config divides by NUM_KV_HEADS / NUM_HEADS / GRAD_ACCUM_BASE*TRAIN_SEQ_LEN "
-                          "before checking they are positive: ZeroDivisionError instead of ConfigError")
 @pytest.mark.parametrize("field", ["num_kv_heads", "num_heads", "train_seq_len", "grad_accum_base"])
 def test_validate_rejects_zero_divisors(field):
     with pytest.raises(tg.ConfigError, match=field.upper()):

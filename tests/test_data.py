@@ -384,10 +384,6 @@ def test_build_byte_tables_requires_standalone_space_piece():
     assert boundary.tolist() == [1, 1, 1, 1, 0, 0, 0, 1]
 
 
-@pytest.mark.xfail(strict=True, raises=tg.ConfigError,
-                   reason="BUG: smoke_corpus_documents stops at max_bytes and then demands >= 50 documents, so any "
-                          "max_bytes below ~1.5 MB raises 'found only N standard-library sources' although the "
-                          "stdlib is present")
 def test_smoke_corpus_small_budget():
     docs = tg.smoke_corpus_documents(200_000)
     assert sum(len(d.encode("utf-8")) for d in docs) >= 200_000

@@ -14,14 +14,6 @@ from conftest import tg, tiny_config
 import pipeline_helpers as ph
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster and immune to OpenMP spinning on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def quiet(*args, **kwargs):
     """A log function that drops lines."""

@@ -20,14 +20,6 @@ from conftest import SHARED_TEXT, tg, tiny_config
 import pipeline_helpers as ph
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is faster and immune to OpenMP spinning on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------------------------------------
 # GPTQ

@@ -13,14 +13,6 @@ NS = (3.4445, -4.7750, 2.0315)
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def ns5_scalar(x, steps=5):
     """The quintic a*x + b*x^3 + c*x^5 iterated `steps` times (acts on each singular value)."""
