@@ -152,10 +152,10 @@ SMOKE_PRESET = dict(
     num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8, xsa_last_n=6,
     parallel_residual_start=4, loop_start=1, loop_end=2, num_loops=1,
     train_seq_len=256, train_batch_tokens=8192, grad_accum_base=2, max_wallclock_seconds=110.0,
-    gptq_reserve_seconds=4.0, warmup_steps=2, muon_momentum_warmup_steps=100, ema_decay=0.98,
+    gptq_reserve_seconds=5.0, warmup_steps=2, muon_momentum_warmup_steps=100, ema_decay=0.98,
     matrix_lr=0.03, embed_lr=0.05, val_loss_every=0, train_log_every=50,
     eval_seq_len=256, eval_stride=64, eval_batch_seqs=32, ttt_chunk_tokens=8192, ttt_lr=0.003,
-    gptq_calibration_batches=8, quant_min_numel=1024, size_limit_bytes=4000000,
+    gptq_calibration_batches=4, quant_min_numel=1024, size_limit_bytes=4000000,
     artifact_path="logs/smoke_model.int6.ptz",
 )
 PRESETS = {"record": {}, "smoke": SMOKE_PRESET}
