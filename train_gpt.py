@@ -9,6 +9,7 @@ training loop -> export -> evaluation -> reporting -> main.
 """
 
 import base64
+import contextlib
 import copy
 import dataclasses
 import glob
@@ -117,7 +118,7 @@ class Hyperparameters:
     eval_stride: int = 64
     eval_batch_seqs: int = 32
     quantized_plain_eval: bool = True
-    sliding_window_enabled: bool = True
+    sliding_window_enabled: bool = False  # TTT re-scores every window itself; 1 adds the diagnostic pass
     eval_budget_seconds: float = 600.0
     eval_only: str = ""
     # test-time training
@@ -128,7 +129,7 @@ class Hyperparameters:
     ttt_epochs: int = 3
     ttt_grad_clip: float = 1.0
     # export
-    gptq_calibration_batches: int = 64
+    gptq_calibration_batches: int = 8  # global batches, summed over ranks: the record's 64 x 48 seqs
     gptq_block_size: int = 128
     gptq_damp: float = 0.01
     quant_min_numel: int = 65536
@@ -155,6 +156,7 @@ SMOKE_PRESET = dict(
     gptq_reserve_seconds=5.0, warmup_steps=2, muon_momentum_warmup_steps=100, ema_decay=0.98,
     matrix_lr=0.03, embed_lr=0.05, val_loss_every=0, train_log_every=50,
     eval_seq_len=256, eval_stride=64, eval_batch_seqs=32, ttt_chunk_tokens=8192, ttt_lr=0.003,
+    sliding_window_enabled=True,
     gptq_calibration_batches=4, quant_min_numel=1024, size_limit_bytes=4000000,
     artifact_path="logs/smoke_model.int6.ptz",
 )
@@ -308,6 +310,7 @@ class Runtime:
     ns_dtype: torch.dtype = torch.float32
     attention_backend: str = "sdpa"
     compile: bool = False
+    fullgraph: bool = True
 
     @property
     def distributed(self):
@@ -342,10 +345,25 @@ class Runtime:
         return (torch.cuda.max_memory_allocated(self.device) // 2**20,
                 torch.cuda.max_memory_reserved(self.device) // 2**20)
 
+    def exact_matmul(self):
+        """Context with TF32 disabled (GPTQ's solve is validated in true fp32)."""
+        return _Tf32Off() if self.is_cuda else contextlib.nullcontext()
+
     def empty_cache(self):
         """Release cached device memory between eval stages."""
         if self.is_cuda:
             torch.cuda.empty_cache()
+
+
+class _Tf32Off:
+    """Context manager that turns CUDA TF32 matmuls off and restores the previous setting."""
+
+    def __enter__(self):
+        self.prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.prev
 
 
 def load_flash_backend(name):
@@ -406,10 +424,35 @@ def setup_runtime(cfg):
     if want_cuda:
         rt.compute_dtype = rt.embed_dtype = rt.ns_dtype = torch.bfloat16
     rt.attention_backend = resolve_attention_backend(cfg.attention_backend, device)
+    if want_cuda and cfg.preset == "record" and cfg.attention_backend == "auto" and rt.attention_backend != "fa3":
+        raise ConfigError(f"PRESET=record needs FlashAttention-3 (flash_attn_interface, Hopper) for record step "
+                          f"times, but would run {rt.attention_backend}; install FA3 or set ATTENTION_BACKEND="
+                          f"{rt.attention_backend} explicitly to accept slower steps")
     rt.compile = cfg.compile == "1" or (cfg.compile == "auto" and want_cuda)
     if rt.compile:
         torch._dynamo.config.cache_size_limit = 64
+        if rt.attention_backend in ("fa3", "fa2"):
+            rt.fullgraph = attention_traces_fullgraph(rt)
     return rt
+
+
+def attention_traces_fullgraph(rt):
+    """True if dynamo traces the FlashAttention call (forward and backward) without a graph break.
+
+    Some FA3 wheels expose an untraceable pybind function; then compile with graph breaks, not crash.
+    """
+    dt = rt.compute_dtype
+    q = torch.randn(1, 16, 2, 64, device=rt.device, dtype=dt, requires_grad=True)
+    kv = torch.randn(1, 16, 1, 64, device=rt.device, dtype=dt, requires_grad=True)
+    fn = torch.compile(lambda a, b: attention(a, b, b, rt.attention_backend).float().sum(),
+                       fullgraph=True, backend="eager")
+    try:
+        fn(q, kv).backward()
+        return True
+    except Exception:
+        return False
+    finally:
+        torch._dynamo.reset()
 
 
 def all_reduce_(tensor, rt, op=None):
@@ -1138,8 +1181,8 @@ class Trainer:
         self.cfg, self.rt, self.model = cfg, rt, model
         self.optimizers = build_optimizers(cfg, rt, model)
         self.params = [p for p in model.parameters()]
-        self.loss_fn = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
-        self.nll_fn = (torch.compile(model.token_nll, dynamic=False, fullgraph=True) if rt.compile
+        self.loss_fn = torch.compile(model, dynamic=False, fullgraph=rt.fullgraph) if rt.compile else model
+        self.nll_fn = (torch.compile(model.token_nll, dynamic=False, fullgraph=rt.fullgraph) if rt.compile
                        else model.token_nll)
 
     def step(self, micro_batches, step, lr_mul, looped):
@@ -1254,11 +1297,15 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
     averager = WeightAverager(cfg, model)
     clock = TrainClock(rt)
     looped, stop_at, step = False, None, 0
+    reached = torch.zeros((), device=rt.device)
+    batch = loader.next_batch()
     stats = {"loop_enabled_step": None, "train_losses": []}
     clock.start()
     while True:
         last = step >= cfg.iterations or (stop_at is not None and step >= stop_at)
-        validate = step == 0 or last or (cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0)
+        # No validation at the last step: calibration must follow the loop at once (RECORD §1.2); the
+        # post-EMA diagnostic after it measures the final weights.
+        validate = not last and (step == 0 or (cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0))
         if validate:
             clock.pause()
             val_loss, val_bpb = eval_plain(cfg, rt, trainer.nll_fn, val_tokens, byte_counter, looped)
@@ -1276,10 +1323,11 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
             stats["loop_enabled_step"] = step
             enc, dec = layer_layout(cfg, True)
             log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{enc} decoder:{dec}")
-        loss = trainer.step(loader.next_batch(), step, lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr), looped)
+        loss = trainer.step(batch, step, lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr), looped)
+        batch = loader.next_batch()  # host-side work overlaps the queued GPU step
         step += 1
         averager.update(step, frac)
-        if step <= 5 or (cfg.train_log_every > 0 and step % cfg.train_log_every == 0):
+        if step <= 5 or step == THROUGHPUT_CHECK_STEP or (cfg.train_log_every > 0 and step % cfg.train_log_every == 0):
             elapsed, loss_value = clock.ms(), loss.item()
             tok_s = step * cfg.train_batch_tokens / max(elapsed / 1000.0, 1e-9)
             stats["train_losses"].append([step, loss_value])
@@ -1290,7 +1338,7 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
             log(f"{step}/{cfg.iterations} train_loss: {loss_value:.4f} train_time: {elapsed / 60000:.1f}m "
                 f"tok/s: {tok_s:.0f}")
         if budget > 0:
-            reached = torch.tensor(float(clock.ms() >= budget), device=rt.device)
+            reached.fill_(float(clock.ms() >= budget))
             if all_reduce_(reached, rt, dist.ReduceOp.MAX if rt.distributed else None).item() > 0:
                 stop_at = step
     clock.pause()
@@ -1716,21 +1764,21 @@ def score_windows(cfg, rt, nll_fn, tokens, byte_counter, looped, ws, lo, hi, sum
                   per_position=None):
     """Score windows in fixed-shape batches; add (nll, count, bytes) into `sums` (float64, 3).
 
-    tokens: 1-D int64 CPU tensor of total+1 val tokens. Records each window's [lo, hi) in `ledger` under
+    tokens: 1-D int64 tensor of total+1 val tokens (ideally already on the device). Records each window's [lo, hi) in `ledger` under
     `version`; if `per_position` (float64 numpy, size total) is given, stores each scored NLL there.
     """
     L, B = cfg.eval_seq_len, cfg.eval_batch_seqs
     total = tokens.numel() - 1
     dev_tokens = tokens.to(rt.device)
     offsets = torch.arange(L, device=rt.device)
+    pad = -len(ws) % B  # padded rows repeat a start and score nothing (lo = hi = 0)
+    table = np.stack([np.concatenate([ws, np.full(pad, ws[0] if len(ws) else 0)]),
+                      np.concatenate([lo, np.zeros(pad, np.int64)]), np.concatenate([hi, np.zeros(pad, np.int64)])])
+    table = torch.from_numpy(table).to(rt.device)  # one host->device copy per call
     for b in range(0, len(ws), B):
-        bws, blo, bhi = ws[b:b + B], lo[b:b + B], hi[b:b + B]
-        n = len(bws)
-        pad = B - n
-        start = torch.from_numpy(np.concatenate([bws, np.repeat(bws[:1], pad)])).to(rt.device)
+        blo, bhi = lo[b:b + B], hi[b:b + B]
+        start, lo_t, hi_t = table[0, b:b + B], table[1, b:b + B], table[2, b:b + B]
         pos = start[:, None] + offsets[None, :]
-        lo_t = torch.from_numpy(np.concatenate([blo, np.zeros(pad, np.int64)])).to(rt.device)
-        hi_t = torch.from_numpy(np.concatenate([bhi, np.zeros(pad, np.int64)])).to(rt.device)
         mask = (pos >= lo_t[:, None]) & (pos < hi_t[:, None])
         pos = pos.clamp(max=total - 1)
         x, y = dev_tokens[pos], dev_tokens[pos + 1]
@@ -1838,6 +1886,9 @@ def ttt_train_chunk(cfg, rt, model, loss_sum_fn, optimizer, tokens, c0, c1, lr, 
     return version
 
 
+TTT_GUARD_MIN_CHUNKS = 10  # chunks trained before the eval-budget projection may stop TTT
+
+
 def eval_ttt(cfg, rt, model, loss_fn, nll_fn, val_tokens, byte_counter, looped, ledger, log, eval_t0,
              per_position=None):
     """Legal score-first TTT: per chunk, score its windows (no grad), then train on it; never the last chunk.
@@ -1853,10 +1904,10 @@ def eval_ttt(cfg, rt, model, loss_fn, nll_fn, val_tokens, byte_counter, looped, 
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     log(f"ttt:start chunks={num_chunks} ttt_lr={cfg.ttt_lr} ttt_epochs={cfg.ttt_epochs}")
-    version, training, trained_chunks = 0, True, 0
-    t0 = time.perf_counter()
+    version, training, trained_chunks, chunk_seconds = 0, True, 0, []
     model.eval()
     for ci in range(num_chunks):
+        t_chunk = time.perf_counter()
         idx = np.arange(bounds[ci], bounds[ci + 1])[rank_slice(bounds[ci + 1] - bounds[ci], rt)]
         score_windows(cfg, rt, nll_fn, val_tokens, byte_counter, looped, ws[idx], lo[idx], hi[idx], sums,
                       ledger=ledger, version=version, per_position=per_position)
@@ -1867,8 +1918,11 @@ def eval_ttt(cfg, rt, model, loss_fn, nll_fn, val_tokens, byte_counter, looped, 
         version = ttt_train_chunk(cfg, rt, model, loss_fn, optimizer, val_tokens, c0, c1, lr, looped, ledger,
                                   version)
         trained_chunks += 1
-        spent = time.perf_counter() - t0
-        projected = (time.perf_counter() - eval_t0) + spent / (ci + 1) * (num_chunks - ci - 1)
+        chunk_seconds.append(time.perf_counter() - t_chunk)
+        if trained_chunks < min(TTT_GUARD_MIN_CHUNKS, num_chunks - 1):
+            continue  # first chunks carry one-off costs; project from a steady-state window
+        recent = chunk_seconds[-TTT_GUARD_MIN_CHUNKS:]
+        projected = (time.perf_counter() - eval_t0) + sum(recent) / len(recent) * (num_chunks - ci - 1)
         over = torch.tensor(float(projected > cfg.eval_budget_seconds), device=rt.device)
         if all_reduce_(over, rt, dist.ReduceOp.MAX if rt.distributed else None).item() > 0:
             training = False
@@ -1887,8 +1941,8 @@ class EvalFns:
         self.model = model
         sum_loss = lambda x, y, looped: model.token_nll(x, y, looped).sum()
         if rt.compile:
-            self.nll = torch.compile(model.token_nll, dynamic=False, fullgraph=True)
-            self.loss_sum = torch.compile(sum_loss, dynamic=False, fullgraph=True)
+            self.nll = torch.compile(model.token_nll, dynamic=False, fullgraph=rt.fullgraph)
+            self.loss_sum = torch.compile(sum_loss, dynamic=False, fullgraph=rt.fullgraph)
         else:
             self.nll, self.loss_sum = model.token_nll, sum_loss
 
@@ -2027,7 +2081,10 @@ def log_header(cfg, rt, log, train_glob, val_glob, tok_path):
     log(f"source: {Path(__file__).name} sha256:{hashlib.sha256(src).hexdigest()}")
     nccl = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL"))}
     log(f"device:{rt.device} dtype:{str(rt.compute_dtype).replace('torch.', '')} attention:{rt.attention_backend} "
-        f"compile:{rt.compile} world_size:{rt.world_size} nccl_env:{json.dumps(nccl)}")
+        f"compile:{rt.compile} fullgraph:{rt.fullgraph} world_size:{rt.world_size} nccl_env:{json.dumps(nccl)}")
+    if rt.compile and not rt.fullgraph:
+        log(f"WARNING: {rt.attention_backend} is not traceable by torch.compile in this install; compiling with "
+            f"graph breaks around attention (slower); a wheel registering torch.ops.flash_attn_3 avoids this")
     if rt.is_cuda:
         try:
             smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
@@ -2092,7 +2149,7 @@ def prepare_data(cfg, rt, log):
     sp = load_tokenizer(tok_path, cfg.vocab_size)
     log(f"tokenizer: {tok_path} vocab:{sp.get_piece_size()} sha256:{hashlib.sha256(Path(tok_path).read_bytes()).hexdigest()}")
     byte_counter = ByteCounter(build_byte_tables(sp, cfg.vocab_size), rt.device)
-    val_tokens = load_validation_tokens(val_glob, cfg.eval_seq_len)
+    val_tokens = load_validation_tokens(val_glob, cfg.eval_seq_len).to(rt.device)  # copied once, reused
     n_val = val_tokens.numel() - 1
     if cfg.expected_val_tokens and n_val != cfg.expected_val_tokens:
         raise ConfigError(f"validation set has {n_val} scored tokens but EXPECTED_VAL_TOKENS="
@@ -2127,26 +2184,43 @@ def export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, l
     log(f"Serialized model: {raw_bytes} bytes")
     log(f"Code size: {code_n} bytes ({code_desc})")
     path = cfg.artifact_path
-    if rt.is_main:
-        t = time.perf_counter()
-        entries = quantize_state(cfg, model, hessians)
-        for line in describe_quantization(entries):
-            log(line)
-        model_bytes = write_artifact(path, entries, architecture(cfg), cfg.compressor)
-        total = model_bytes + code_n
-        log(f"Serialized model quantized+{cfg.compressor}: {model_bytes} bytes")
-        log(f"Total submission size quantized+{cfg.compressor}: {total} bytes")
-        log(f"size:headroom {cfg.size_limit_bytes - total} bytes under SIZE_LIMIT_BYTES={cfg.size_limit_bytes} "
-            f"(quantize+serialize {time.perf_counter() - t:.1f}s)")
-        report.data.update(bytes_model=model_bytes, bytes_code=code_n, bytes_total=total, artifact_path=path,
-                           code_bytes_counted=code_desc)
-        report.flush()
-        if total > cfg.size_limit_bytes:
-            raise RuntimeError(f"artifact total {total} bytes exceeds SIZE_LIMIT_BYTES={cfg.size_limit_bytes}: "
-                               f"raise MATRIX_CLIP_SIGMAS / lower bits or model size (artifact kept at {path})")
+    failure = None
+    try:
+        if rt.is_main:
+            write_and_account(cfg, rt, model, hessians, code_n, code_desc, log, report)
+    except Exception as e:  # every rank must learn about it, or the others wait in the barrier
+        failure = e
+    failed = all_reduce_(torch.tensor(float(failure is not None), device=rt.device), rt,
+                         dist.ReduceOp.MAX if rt.distributed else None)
+    if failure is not None:
+        raise failure
+    if failed.item() > 0:
+        raise RuntimeError("rank 0 failed while quantising or writing the artifact (see its log)")
     del hessians
     barrier(rt)
     return path
+
+
+def write_and_account(cfg, rt, model, hessians, code_n, code_desc, log, report):
+    """Rank 0: GPTQ-quantise, write the artifact, log sizes; raise if the total breaks SIZE_LIMIT_BYTES."""
+    path = cfg.artifact_path
+    t = time.perf_counter()
+    with rt.exact_matmul():
+        entries = quantize_state(cfg, model, hessians)
+    for line in describe_quantization(entries):
+        log(line)
+    model_bytes = write_artifact(path, entries, architecture(cfg), cfg.compressor)
+    total = model_bytes + code_n
+    log(f"Serialized model quantized+{cfg.compressor}: {model_bytes} bytes")
+    log(f"Total submission size quantized+{cfg.compressor}: {total} bytes")
+    log(f"size:headroom {cfg.size_limit_bytes - total} bytes under SIZE_LIMIT_BYTES={cfg.size_limit_bytes} "
+        f"(quantize+serialize {time.perf_counter() - t:.1f}s)")
+    report.data.update(bytes_model=model_bytes, bytes_code=code_n, bytes_total=total, artifact_path=path,
+                       code_bytes_counted=code_desc)
+    report.flush()
+    if total > cfg.size_limit_bytes:
+        raise RuntimeError(f"artifact total {total} bytes exceeds SIZE_LIMIT_BYTES={cfg.size_limit_bytes}: "
+                           f"raise MATRIX_CLIP_SIGMAS / lower bits or model size (artifact kept at {path})")
 
 
 def run(cfg, rt, log):
@@ -2182,7 +2256,7 @@ def run(cfg, rt, log):
         stats = train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log)
         report.data.update(steps=stats["steps"], train_time_ms=round(stats["train_time_ms"], 1),
                            loop_enabled_step=stats["loop_enabled_step"], step0_val_bpb=stats.get("step0_val_bpb"),
-                           final_val_bpb_in_loop=stats.get("final_val_bpb"),
+                           last_in_loop_val_bpb=stats.get("final_val_bpb"),
                            recompiles_in_loop=stats["recompiles_in_loop"], train_losses=stats["train_losses"])
         report.flush()
         post_train_t0 = time.perf_counter()

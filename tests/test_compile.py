@@ -122,3 +122,22 @@ def test_compiled_evaluation_of_a_fresh_artifact_model_matches_eager(warmed, tmp
         a, b = reports[True]["results"][stage]["val_bpb"], reports[False]["results"][stage]["val_bpb"]
         assert abs(a - b) <= 1e-4 * b, (stage, a, b)
     assert reports[True]["results"]["quantized_ttt"]["sgd_steps"] > 0
+
+
+def test_untraceable_flash_backend_compiles_with_graph_breaks_instead_of_crashing(monkeypatch):
+    """A FlashAttention build dynamo cannot trace (e.g. a pybind op) is detected before training; a
+    traceable one keeps fullgraph. (Last in this file: the probe resets dynamo's caches.)"""
+    import types
+    rt = tg.Runtime(device=torch.device("cpu"), compile=True, attention_backend="fa3")
+
+    def traceable(q, k, v, causal=False):
+        return tg.sdpa_attention(q, k, v)
+
+    def untraceable(q, k, v, causal=False):
+        torch._dynamo.graph_break()
+        return tg.sdpa_attention(q, k, v)
+
+    monkeypatch.setitem(tg._FLASH, "fa3", types.SimpleNamespace(flash_attn_func=traceable))
+    assert tg.attention_traces_fullgraph(rt)
+    monkeypatch.setitem(tg._FLASH, "fa3", types.SimpleNamespace(flash_attn_func=untraceable))
+    assert not tg.attention_traces_fullgraph(rt)

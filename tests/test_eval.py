@@ -335,18 +335,29 @@ def test_ttt_step_is_plain_sgd_on_the_chunk_mean_cross_entropy(cpu_runtime, tiny
         torch.testing.assert_close(p.detach(), p0.detach() - lr * q.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_ttt_budget_guard_stops_training_after_the_first_chunk(cpu_runtime, tiny_setup):
+def test_ttt_budget_guard_stops_training_once_the_projection_is_over_budget(cpu_runtime, tiny_setup, monkeypatch):
+    """The projection starts after TTT_GUARD_MIN_CHUNKS trained chunks; over budget, training stops and the
+    remaining chunks are still scored exactly once."""
+    monkeypatch.setattr(tg, "TTT_GUARD_MIN_CHUNKS", 2)
     _, model, _, bc, tokens = tiny_setup
     cfg = ttt_cfg(eval_budget_seconds=1e-9)
     log = Recorder()
     loss, bpb, info, per, led, _ = run_ttt(cfg, cpu_runtime, model, tokens[:129], bc, log=log)
-    assert info["budget_stopped"] is True and info["trained_chunks"] == 1
-    assert info["sgd_steps"] == cfg.ttt_epochs and info["chunks"] == 4
-    assert max(m for _, m in led.updates) == cfg.ttt_chunk_tokens - 1
+    assert info["budget_stopped"] is True and info["trained_chunks"] == 2
+    assert info["sgd_steps"] == 2 * cfg.ttt_epochs and info["chunks"] == 4
+    assert max(m for _, m in led.updates) == 2 * cfg.ttt_chunk_tokens - 1
     res = led.verify(cpu_runtime)
     assert res["scored_exactly_once"] and res["score_before_update"] and res["scored_tokens"] == 128
     assert not np.isnan(per).any() and loss == pytest.approx(per.mean(), rel=1e-9)
-    assert any("ttt:budget_stop after chunk 1/4" in line for line in log)
+    assert any("ttt:budget_stop after chunk 2/4" in line for line in log)
+
+
+def test_ttt_budget_guard_waits_for_steady_state_chunks(cpu_runtime, tiny_setup):
+    """Within budget every non-final chunk is trained and the guard never fires."""
+    _, model, _, bc, tokens = tiny_setup
+    cfg = ttt_cfg(eval_budget_seconds=1e9)
+    _, _, info, _, _, _ = run_ttt(cfg, cpu_runtime, model, tokens[:129], bc)
+    assert info["budget_stopped"] is False and info["trained_chunks"] == 3
 
 
 # ---------------------------------------------------------------------------------------------
