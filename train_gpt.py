@@ -60,7 +60,7 @@ class Hyperparameters:
     train_files: str = ""
     val_files: str = ""
     tokenizer_path: str = ""
-    expected_val_tokens: int = 40540160
+    expected_val_tokens: int = -1  # -1: the published count for this vocab/EVAL_SEQ_LEN if known; 0: no check
     # model
     num_layers: int = 11
     model_dim: int = 512
@@ -2139,6 +2139,10 @@ def barrier(rt):
         dist.barrier()
 
 
+# Scored validation tokens of the canonical FineWeb val split, by (vocab, EVAL_SEQ_LEN), from record logs.
+PUBLISHED_VAL_TOKENS = {(8192, 2048): 40540160}
+
+
 def prepare_data(cfg, rt, log):
     """Build smoke data if needed, then load (and fingerprint) tokenizer tables and validation tokens."""
     train_glob, val_glob, tok_path = data_paths(cfg)
@@ -2151,9 +2155,12 @@ def prepare_data(cfg, rt, log):
     byte_counter = ByteCounter(build_byte_tables(sp, cfg.vocab_size), rt.device)
     val_tokens = load_validation_tokens(val_glob, cfg.eval_seq_len).to(rt.device)  # copied once, reused
     n_val = val_tokens.numel() - 1
-    if cfg.expected_val_tokens and n_val != cfg.expected_val_tokens:
-        raise ConfigError(f"validation set has {n_val} scored tokens but EXPECTED_VAL_TOKENS="
-                          f"{cfg.expected_val_tokens}: wrong or partial val shards in {val_glob!r} "
+    expected = cfg.expected_val_tokens
+    if expected < 0:
+        expected = PUBLISHED_VAL_TOKENS.get((cfg.vocab_size, cfg.eval_seq_len), 0) if cfg.preset == "record" else 0
+    if expected and n_val != expected:
+        raise ConfigError(f"validation set has {n_val} scored tokens but the expected count is {expected} "
+                          f"(EXPECTED_VAL_TOKENS): wrong or partial val shards in {val_glob!r} "
                           f"(set EXPECTED_VAL_TOKENS=0 to skip this check for custom data)")
     return train_glob, val_glob, tok_path, byte_counter, val_tokens
 
