@@ -392,7 +392,6 @@ def test_smoke_corpus_small_budget():
 def test_record_preset_refuses_a_partial_validation_set(tmp_path, shared_tokenizer, cpu_runtime):
     """With the real sp8192 tokenizer, a val split that is not the published 40,540,160 tokens is refused
     (naming EXPECTED_VAL_TOKENS); EXPECTED_VAL_TOKENS=0 accepts it."""
-    import numpy as np
     tokens = np.concatenate([[1], np.arange(5000) % 8000 + 100])
     tg.write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
     cfg = tg.Hyperparameters(val_files=str(tmp_path / "fineweb_val_*.bin"), tokenizer_path=str(shared_tokenizer))
