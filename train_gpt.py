@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import glob
 import hashlib
-import io
 import json
 import lzma
 import math

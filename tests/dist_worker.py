@@ -1,5 +1,4 @@
 """Worker launched by torchrun from tests/test_distributed.py: Muon sharding checks and failure injection."""
-import os
 import sys
 import time
 from pathlib import Path

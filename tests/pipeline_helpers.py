@@ -4,19 +4,16 @@ a once-per-session smoke dataset, and subprocess runs of train_gpt.py with a tin
 The smoke dataset and the tiny pipeline run are cached at module level, so every test module of one
 pytest session reuses them (the main engineer may move these into conftest.py later).
 """
-import dataclasses
 import glob
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from conftest import ROOT, clean_env, tg
+from conftest import ROOT, tg
+from conftest import run_script as conftest_run_script
 
 SCRIPT = ROOT / "train_gpt.py"
 
@@ -95,9 +92,8 @@ def byte_counts_by_hand(tables, prev, target):
 
 
 def run_script(script, env_extra, cwd, args=(), timeout=600):
-    """Run `python3 script args` with a clean env; assert success and return the CompletedProcess."""
-    proc = subprocess.run([sys.executable, str(script), *args], cwd=str(cwd), env=clean_env(env_extra),
-                          capture_output=True, text=True, timeout=timeout)
+    """Run `python3 script args` (one thread, clean env); assert success and return the CompletedProcess."""
+    proc = conftest_run_script(env_extra, Path(cwd), script=script, args=args, timeout=timeout)
     assert proc.returncode == 0, f"{script} {args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 

@@ -54,7 +54,7 @@ def test_warmup_compiles_every_variant_and_restores_bit_exactly(warmed):
 
 def test_compiled_train_forward_backward_matches_eager(warmed):
     """Loss and every gradient of the compiled training forward/backward equal eager (float32)."""
-    cfg, model, eager = warmed["cfg"], warmed["trainer"].model, warmed["eager"]
+    model, eager = warmed["trainer"].model, warmed["eager"]
     x, y = warmed["loader"].next_batch()[0]
     for looped in (False, True):
         model.zero_grad()

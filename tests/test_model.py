@@ -5,7 +5,6 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import tg, tiny_config
 
