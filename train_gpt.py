@@ -454,11 +454,20 @@ def attention_traces_fullgraph(rt):
         torch._dynamo.reset()
 
 
-def all_reduce_(tensor, rt, op=None):
-    """In-place SUM (or `op`) all-reduce across ranks; no-op on a single process."""
+def all_reduce_(tensor, rt):
+    """In-place SUM all-reduce across ranks; no-op on a single process."""
     if rt.distributed:
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+        dist.all_reduce(tensor)
     return tensor
+
+
+def any_rank(flag, rt, buf=None):
+    """True if `flag` is true on any rank (one MAX all-reduce and one host sync); `buf` reuses a tensor."""
+    buf = torch.zeros((), device=rt.device) if buf is None else buf
+    buf.fill_(float(flag))
+    if rt.distributed:
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return buf.item() > 0
 
 
 def compiled_graph_count():
@@ -1310,7 +1319,7 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
             val_loss, val_bpb = eval_plain(cfg, rt, trainer.nll_fn, val_tokens, byte_counter, looped)
             log(f"{step}/{cfg.iterations} val_loss: {val_loss:.4f} val_bpb: {val_bpb:.4f}")
             stats.setdefault("step0_val_bpb", val_bpb)
-            stats.update(final_val_loss=val_loss, final_val_bpb=val_bpb)
+            stats.update(last_val_loss=val_loss, last_val_bpb=val_bpb)
             clock.start()
         if last:
             if stop_at is not None and step < cfg.iterations:
@@ -1337,8 +1346,7 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
             log(f"{step}/{cfg.iterations} train_loss: {loss_value:.4f} train_time: {elapsed / 60000:.1f}m "
                 f"tok/s: {tok_s:.0f}")
         if budget > 0:
-            reached.fill_(float(clock.ms() >= budget))
-            if all_reduce_(reached, rt, dist.ReduceOp.MAX if rt.distributed else None).item() > 0:
+            if any_rank(clock.ms() >= budget, rt, reached):
                 stop_at = step
     clock.pause()
     alloc, reserved = rt.peak_memory_mib()
@@ -1922,8 +1930,7 @@ def eval_ttt(cfg, rt, model, loss_fn, nll_fn, val_tokens, byte_counter, looped, 
             continue  # first chunks carry one-off costs; project from a steady-state window
         recent = chunk_seconds[-TTT_GUARD_MIN_CHUNKS:]
         projected = (time.perf_counter() - eval_t0) + sum(recent) / len(recent) * (num_chunks - ci - 1)
-        over = torch.tensor(float(projected > cfg.eval_budget_seconds), device=rt.device)
-        if all_reduce_(over, rt, dist.ReduceOp.MAX if rt.distributed else None).item() > 0:
+        if any_rank(projected > cfg.eval_budget_seconds, rt):
             training = False
             log(f"ttt:budget_stop after chunk {ci + 1}/{num_chunks}: projected eval total {projected:.0f}s > "
                 f"EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:g}; remaining chunks are scored without training")
@@ -2196,11 +2203,10 @@ def export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, l
             write_and_account(cfg, rt, model, hessians, code_n, code_desc, log, report)
     except Exception as e:  # every rank must learn about it, or the others wait in the barrier
         failure = e
-    failed = all_reduce_(torch.tensor(float(failure is not None), device=rt.device), rt,
-                         dist.ReduceOp.MAX if rt.distributed else None)
+    failed = any_rank(failure is not None, rt)
     if failure is not None:
         raise failure
-    if failed.item() > 0:
+    if failed:
         raise RuntimeError("rank 0 failed while quantising or writing the artifact (see its log)")
     del hessians
     barrier(rt)
@@ -2262,7 +2268,7 @@ def run(cfg, rt, log):
         stats = train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log)
         report.data.update(steps=stats["steps"], train_time_ms=round(stats["train_time_ms"], 1),
                            loop_enabled_step=stats["loop_enabled_step"], step0_val_bpb=stats.get("step0_val_bpb"),
-                           last_in_loop_val_bpb=stats.get("final_val_bpb"),
+                           last_in_loop_val_bpb=stats.get("last_val_bpb"),
                            recompiles_in_loop=stats["recompiles_in_loop"], train_losses=stats["train_losses"])
         report.flush()
         post_train_t0 = time.perf_counter()

@@ -48,7 +48,7 @@ REAL_SUMMARY = {
     "eval_seconds": {"compile_warmup": 41.2, "load_artifact": 0.942, "quantized": 9.886,
                      "quantized_sliding_window": 97.923, "quantized_ttt": 357.406,
                      "total_from_artifact_load": 507.357},
-    "final_val_bpb_in_loop": 1.0921, "hessian_seconds": 10.508,
+    "last_in_loop_val_bpb": 1.0921, "hessian_seconds": 10.508,
     "legality": {"positions": 40540160, "score_before_update": True, "scored_exactly_once": True,
                  "scored_tokens": 40540160, "updates": 3711},
     "legality_sliding": {"positions": 40540160, "score_before_update": True, "scored_exactly_once": True,
