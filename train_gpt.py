@@ -12,6 +12,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import datetime
 import glob
 import hashlib
 import json
@@ -19,9 +20,11 @@ import lzma
 import math
 import os
 import platform
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import uuid
@@ -33,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 class ConfigError(ValueError):
@@ -85,7 +89,8 @@ class Hyperparameters:
     grad_accum_base: int = 8
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
-    gptq_reserve_seconds: float = 12.0
+    gptq_reserve_seconds: float = -1.0  # -1: measured during compile warmup (GPTQ_RESERVE_MULTIPLE x projection)
+    gptq_reserve_multiple: float = 2.0
     warmdown_frac: float = 0.72
     min_lr: float = 0.0
     warmup_steps: int = 20
@@ -139,10 +144,14 @@ class Hyperparameters:
     compressor: str = "brotli"
     artifact_path: str = "final_model.int6.ptz"
     size_limit_bytes: int = 16000000
+    size_fit: bool = True  # over the cap: zero the cheapest +-1 values / raise clips until it fits
+    size_fit_max_bpb: float = 0.002  # refuse a fit estimated to cost more than this (model-generated text)
     # runtime
     device: str = "auto"
+    compute_dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; bf16 on CPU runs CPU autocast
     compile: str = "auto"
     attention_backend: str = "auto"
+    dist_timeout_seconds: float = 300.0  # collectives; must cover rank 0's GPTQ + compression
     dry_run: bool = False
 
 
@@ -152,7 +161,7 @@ SMOKE_PRESET = dict(
     num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8, xsa_last_n=6,
     parallel_residual_start=4, loop_start=1, loop_end=2, num_loops=1,
     train_seq_len=256, train_batch_tokens=8192, grad_accum_base=2, iterations=110, max_wallclock_seconds=200.0,
-    gptq_reserve_seconds=5.0, warmup_steps=2, muon_momentum_warmup_steps=100, ema_decay=0.98,
+    warmup_steps=2, muon_momentum_warmup_steps=100, ema_decay=0.98,
     matrix_lr=0.03, embed_lr=0.05, val_loss_every=0, train_log_every=50,
     eval_seq_len=256, eval_stride=64, eval_batch_seqs=32, ttt_chunk_tokens=8192, ttt_lr=0.003,
     sliding_window_enabled=True,
@@ -273,6 +282,11 @@ def validate_config(cfg, world_size):
     need(0.0 <= cfg.warmdown_frac <= 1.0, f"WARMDOWN_FRAC={cfg.warmdown_frac} must be in [0, 1]")
     need(cfg.max_wallclock_seconds == 0 or cfg.max_wallclock_seconds > cfg.gptq_reserve_seconds,
          f"MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds} must exceed GPTQ_RESERVE_SECONDS")
+    need(cfg.gptq_reserve_seconds == -1 or cfg.gptq_reserve_seconds >= 0,
+         f"GPTQ_RESERVE_SECONDS={cfg.gptq_reserve_seconds} must be >= 0, or -1 to measure it")
+    need(cfg.gptq_reserve_multiple >= 1, f"GPTQ_RESERVE_MULTIPLE={cfg.gptq_reserve_multiple} must be >= 1")
+    need(cfg.compute_dtype in ("auto", "fp32", "bf16"), f"COMPUTE_DTYPE={cfg.compute_dtype!r} must be auto, fp32 or bf16")
+    need(cfg.dist_timeout_seconds > 0, f"DIST_TIMEOUT_SECONDS={cfg.dist_timeout_seconds} must be positive")
     need(cfg.vocab_size <= 65536, f"VOCAB_SIZE={cfg.vocab_size} must fit uint16 shards (<= 65536)")
 
 
@@ -353,6 +367,24 @@ class Runtime:
         if self.is_cuda:
             torch.cuda.empty_cache()
 
+    def read_later(self, t):
+        """Start copying small tensor `t` to the host; return a callable giving t.tolist().
+
+        On CUDA the copy goes to pinned memory behind an event, so calling the result waits only for the work
+        queued before this call, never for steps queued after it (no pipeline stall)."""
+        if not self.is_cuda:
+            values = t.tolist()
+            return lambda: values
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+
+        def read():
+            event.synchronize()
+            return host.tolist()
+        return read
+
 
 class _Tf32Off:
     """Context manager that turns CUDA TF32 matmuls off and restores the previous setting."""
@@ -371,7 +403,7 @@ def load_flash_backend(name):
         return True
     try:
         module = __import__(FLASH_MODULES[name], fromlist=["flash_attn_func"])
-    except ImportError:
+    except (ImportError, OSError):  # OSError: a wheel whose shared library fails to load (ABI mismatch)
         return False
     if not hasattr(module, "flash_attn_func"):
         return False
@@ -418,9 +450,11 @@ def setup_runtime(cfg):
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if want_cuda else "gloo"
         kwargs = {"device_id": device} if want_cuda else {}
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_seconds), **kwargs)
     rt = Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
-    if want_cuda:
+    if cfg.compute_dtype == "bf16" or (cfg.compute_dtype == "auto" and want_cuda):
+        # bf16 matmuls (autocast), bf16 embedding and residual stream, bf16 Newton-Schulz, as the record
         rt.compute_dtype = rt.embed_dtype = rt.ns_dtype = torch.bfloat16
     rt.attention_backend = resolve_attention_backend(cfg.attention_backend, device)
     if want_cuda and cfg.preset == "record" and cfg.attention_backend == "auto" and rt.attention_backend != "fa3":
@@ -461,13 +495,17 @@ def all_reduce_(tensor, rt):
     return tensor
 
 
-def any_rank(flag, rt, buf=None):
-    """True if `flag` is true on any rank (one MAX all-reduce and one host sync); `buf` reuses a tensor."""
-    buf = torch.zeros((), device=rt.device) if buf is None else buf
-    buf.fill_(float(flag))
+def max_over_ranks(value, rt):
+    """The maximum of a host number over all ranks (one MAX all-reduce and one host sync)."""
+    buf = torch.full((), float(value), dtype=torch.float64, device=rt.device)
     if rt.distributed:
         dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-    return buf.item() > 0
+    return buf.item()
+
+
+def any_rank(flag, rt):
+    """True if `flag` is true on any rank."""
+    return max_over_ranks(float(flag), rt) > 0
 
 
 def compiled_graph_count():
@@ -661,21 +699,48 @@ def train_sentencepiece(lines, model_path, vocab_size):
 
 
 def build_smoke_data(cfg, log):
-    """Create the smoke tokenizer and train/val shards from stdlib text on first use; reuse them after."""
+    """On first use, build the smoke tokenizer and shards from stdlib text in their default place under DATA_DIR.
+
+    Writes nothing when TRAIN_FILES, VAL_FILES or TOKENIZER_PATH name data of the user's, and never replaces
+    an existing file: everything is built in a temporary folder, then hard-linked into place.
+    """
     train_glob, val_glob, tok_path = data_paths(cfg)
-    if glob.glob(train_glob) and glob.glob(val_glob) and Path(tok_path).exists():
+    out = Path(train_glob).parent
+    targets = [Path(tok_path), out / "fineweb_val_000000.bin", out / "fineweb_train_000000.bin"]
+    missing = [str(t) for t in targets if not t.exists()]
+    named = [k.upper() for k in ("train_files", "val_files", "tokenizer_path") if getattr(cfg, k)]
+    if not missing:
         return
+    if named:
+        if any(not glob.glob(g) for g in (train_glob, val_glob)) or not Path(tok_path).exists():
+            raise ConfigError(f"PRESET=smoke builds its own data only when TRAIN_FILES, VAL_FILES and TOKENIZER_PATH "
+                              f"are all unset; {', '.join(named)} set, so point the others at matching data too "
+                              f"(not found: {', '.join(p for p in (train_glob, val_glob, tok_path) if not glob.glob(p))})")
+        return
+    if len(missing) < len(targets):
+        raise ConfigError(f"incomplete smoke data ({missing[0]} is missing but {targets[0]} or a shard exists): "
+                          f"delete {out} and {tok_path} to rebuild it (existing files are never overwritten)")
     t0 = time.time()
     docs = smoke_corpus_documents(max_bytes=7_000_000)
-    lines = [ln for d in docs for ln in d.splitlines() if ln.strip()]
-    train_sentencepiece(lines, tok_path, cfg.vocab_size)
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=tok_path)
-    val_docs, train_docs = docs[::25], [d for i, d in enumerate(docs) if i % 25]
-    encode = lambda ds: np.concatenate([np.array([BOS_ID] + sp.encode(d), dtype=np.int64) for d in ds])
-    out = Path(train_glob).parent
-    write_shard(out / "fineweb_val_000000.bin", encode(val_docs))
-    write_shard(out / "fineweb_train_000000.bin", encode(train_docs))
+    Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smoke_build_", dir=cfg.data_dir))
+    try:
+        built = [tmp / "tok.model", tmp / "val.bin", tmp / "train.bin"]
+        train_sentencepiece([ln for d in docs for ln in d.splitlines() if ln.strip()], built[0], cfg.vocab_size)
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=str(built[0]))
+        val_docs, train_docs = docs[::25], [d for i, d in enumerate(docs) if i % 25]
+        encode = lambda ds: np.concatenate([np.array([BOS_ID] + sp.encode(d), dtype=np.int64) for d in ds])
+        write_shard(built[1], encode(val_docs))
+        write_shard(built[2], encode(train_docs))
+        for src, dst in zip(built, targets):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)  # fails instead of replacing a file that appeared meanwhile
+            except FileExistsError:
+                raise ConfigError(f"{dst} appeared while the smoke data was being built; not overwriting it") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log(f"smoke_data: built {len(train_docs)} train / {len(val_docs)} val documents, tokenizer "
         f"{tok_path} in {time.time() - t0:.1f}s")
 
@@ -921,6 +986,7 @@ class GPT(nn.Module):
         self.skip_gates = (nn.Parameter(torch.zeros(self.num_skips, cfg.model_dim))
                            if cfg.skip_gates_enabled else None)
         self.layouts = {False: layer_layout(cfg, False), True: layer_layout(cfg, True)}
+        self.stream_dtype = torch.float32  # residual-stream dtype; build_model sets the runtime's compute dtype
         self._init_weights()
 
     def _init_weights(self):
@@ -936,7 +1002,7 @@ class GPT(nn.Module):
         """ids (B,T) int64 -> final RMS-normalised hidden states (B,T,D)."""
         T = ids.size(1)
         cos, sin = rope_tables(T, self.cfg.rope_dims, self.cfg.rope_base, self.cfg.train_seq_len, ids.device)
-        x = rms_norm(self.tok_emb(ids).float())  # the residual stream is fp32; matmuls autocast
+        x = rms_norm(self.tok_emb(ids).float()).to(self.stream_dtype)  # bf16 stream on CUDA, as the record
         x0 = x
         encoder, decoder = self.layouts[bool(looped)]
         stack = []
@@ -977,6 +1043,7 @@ def build_model(cfg, rt):
     model = GPT(cfg, rt.attention_backend)
     model.to(rt.device)
     model.tok_emb.weight.data = model.tok_emb.weight.data.to(rt.embed_dtype)
+    model.stream_dtype = rt.compute_dtype
     return model
 
 
@@ -1008,6 +1075,9 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr, momentum, weight_decay, ns_steps, row_normalize, rt):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.ns_steps, self.row_normalize, self.rt = ns_steps, row_normalize, rt
+        # Compiled, the 5 iterations fuse into a few kernels per matrix shape (eager: ~45 small kernels)
+        self.orthogonalize = torch.compile(newton_schulz5, dynamic=False, fullgraph=True) if rt.compile \
+            else newton_schulz5
 
     def muon_update(self, p, momentum):
         """Return the orthogonalised update for parameter p (owned by this rank), updating its momentum."""
@@ -1020,7 +1090,7 @@ class Muon(torch.optim.Optimizer):
         u = g.add(buf, alpha=momentum)
         if self.row_normalize:
             u = u / u.float().norm(dim=1, keepdim=True).clamp_min(1e-7).to(u.dtype)
-        u = newton_schulz5(u, self.ns_steps, self.rt.ns_dtype)
+        u = self.orthogonalize(u, self.ns_steps, self.rt.ns_dtype)
         return u * math.sqrt(max(1.0, p.size(0) / p.size(1)))
 
     @torch.no_grad()
@@ -1150,18 +1220,17 @@ class TrainClock:
         return self.elapsed_ms + running
 
 
-def training_budget_ms(cfg):
+def training_budget_ms(cfg, reserve_seconds):
     """Training-loop budget in ms: the wallclock cap minus the GPTQ reserve (0 = no cap)."""
     if cfg.max_wallclock_seconds <= 0:
         return 0.0
-    return 1000.0 * (cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds)
+    return 1000.0 * (cfg.max_wallclock_seconds - reserve_seconds)
 
 
-def training_fraction(cfg, elapsed_ms, step):
+def training_fraction(cfg, budget_ms, elapsed_ms, step):
     """Fraction of training done: whichever limit is nearer, wallclock (if capped) or step/ITERATIONS."""
-    budget = training_budget_ms(cfg)
     by_steps = step / max(cfg.iterations, 1)
-    return max(elapsed_ms / budget, by_steps) if budget > 0 else by_steps
+    return max(elapsed_ms / budget_ms, by_steps) if budget_ms > 0 else by_steps
 
 
 def all_reduce_grads(params, rt):
@@ -1183,26 +1252,38 @@ def all_reduce_grads(params, rt):
 
 
 class Trainer:
-    """Owns model, optimizers, loss function and the per-step update; knows nothing about timing."""
+    """Owns model, optimizers, loss function and the per-step update; knows nothing about timing.
+
+    Across ranks the model is wrapped in DDP: bucketed asynchronous gradient all-reduces launched from autograd
+    hooks overlap the backward pass, and torch.compile splits its graph at bucket boundaries (optimize_ddp)
+    so the overlap survives compilation. Micro-steps before the last one accumulate locally (no_sync).
+    """
 
     def __init__(self, cfg, rt, model):
         self.cfg, self.rt, self.model = cfg, rt, model
         self.optimizers = build_optimizers(cfg, rt, model)
         self.params = [p for p in model.parameters()]
-        self.loss_fn = torch.compile(model, dynamic=False, fullgraph=rt.fullgraph) if rt.compile else model
+        self.net = model
+        if rt.distributed:
+            self.net = DDP(model, device_ids=[rt.device.index] if rt.is_cuda else None, broadcast_buffers=False,
+                           gradient_as_bucket_view=True, bucket_cap_mb=25)
+        self.loss_fn = torch.compile(self.net, dynamic=False, fullgraph=rt.fullgraph) if rt.compile else self.net
         self.nll_fn = (torch.compile(model.token_nll, dynamic=False, fullgraph=rt.fullgraph) if rt.compile
                        else model.token_nll)
 
     def step(self, micro_batches, step, lr_mul, looped):
-        """Forward/backward all micro-batches, average grads, clip, step all optimizers; returns loss tensor."""
-        total_micro = self.cfg.grad_accum_base
+        """Forward/backward all micro-batches, sync grads, clip, step all optimizers.
+
+        Returns this rank's share of the global mean loss (device scalar; the SUM over ranks is the loss)."""
+        accum = len(micro_batches)
         loss_sum = torch.zeros((), device=self.rt.device)
-        for x, y in micro_batches:
-            with self.rt.autocast():
-                loss = self.loss_fn(x, y, looped)
-            (loss / total_micro).backward()
+        for i, (x, y) in enumerate(micro_batches):
+            local = self.rt.distributed and i < accum - 1
+            with self.net.no_sync() if local else contextlib.nullcontext():
+                with self.rt.autocast():
+                    loss = self.loss_fn(x, y, looped)
+                (loss / accum).backward()  # DDP averages over ranks: the global mean over all micro-batches
             loss_sum += loss.detach()
-        all_reduce_grads(self.params, self.rt)
         muon = self.optimizers[1]
         muon.param_groups[0]["momentum"] = muon_momentum_at(self.cfg, step)
         for opt in self.optimizers:
@@ -1214,7 +1295,7 @@ class Trainer:
             opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        return all_reduce_(loss_sum, self.rt) / total_micro
+        return loss_sum / self.cfg.grad_accum_base
 
     def snapshot(self):
         """Copy of weights and optimizer states, for restoring after compile warmup."""
@@ -1292,22 +1373,117 @@ def eval_plain(cfg, rt, nll_fn, val_tokens, byte_counter, looped):
 
 THROUGHPUT_CHECK_STEP = 100
 RECORD_UNLOOPED_TOK_S = 7.72e6  # cumulative tok/s of the 1.0810 record before looping (8xH100, FA3)
+RESERVE_SLACK_SECONDS = 0.5  # on top of the multiple: the final step's overshoot and the calibration loader
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN/Inf; the message names the step, the last finite loss and the LR."""
+
+
+class StepMonitor:
+    """One SUM all-reduce per step of [this rank's loss share, over-budget flag], read on the host one step late.
+
+    The SUM of the shares is the global loss and a positive flag sum means some rank is over budget, so every
+    rank takes the same decision; reading the previous step never waits for the step just queued.
+    """
+
+    def __init__(self, rt):
+        self.rt, self.pending = rt, None
+
+    def push(self, step, loss_share, over_budget):
+        """Queue step `step`'s reduction; return (step, loss, over_budget) of the previous step, or None."""
+        flag = torch.full((), float(over_budget), device=self.rt.device)
+        buf = all_reduce_(torch.stack((loss_share.float(), flag)), self.rt)
+        previous, self.pending = self.pending, (step, self.rt.read_later(buf))
+        return self.read(previous)
+
+    def read(self, entry):
+        """(step, loss, over_budget) of a pushed entry (waits for that step only); None for None."""
+        if entry is None:
+            return None
+        loss, flag = entry[1]()
+        return entry[0], loss, flag > 0
+
+    def latest(self):
+        """(step, loss, over_budget) of the most recent push (waits for that step)."""
+        return self.read(self.pending)
+
+
+def calibration_batch(cfg, rt, seed=0):
+    """One synthetic calibration batch (this rank's micro-batches) with the shapes of a real one."""
+    seqs = cfg.train_batch_tokens // cfg.train_seq_len // cfg.grad_accum_base
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, cfg.vocab_size, (seqs, cfg.train_seq_len), generator=gen).to(rt.device)
+    return [(x, x)] * (cfg.grad_accum_base // rt.world_size)
+
+
+def resolve_gptq_reserve(cfg, rt, model, log):
+    """Seconds reserved for Hessian collection: GPTQ_RESERVE_SECONDS, or measured when it is -1.
+
+    The measurement times Hessian collection on one synthetic batch (twice, keeping the faster: the first
+    carries one-off costs) before the clock starts, projects it to GPTQ_CALIBRATION_BATCHES and multiplies
+    by GPTQ_RESERVE_MULTIPLE. Returns (reserve seconds, projected seconds or None)."""
+    if cfg.gptq_reserve_seconds >= 0 or cfg.max_wallclock_seconds <= 0:
+        return max(cfg.gptq_reserve_seconds, 0.0), None
+    looped = cfg.num_loops > 0
+    times = []
+    for _ in range(2):
+        rt.sync()
+        t = time.perf_counter()
+        collect_hessians(rt, model, [calibration_batch(cfg, rt)], looped)
+        rt.sync()
+        times.append(time.perf_counter() - t)
+    per_batch = max_over_ranks(min(times), rt)  # the slowest rank decides
+    projected = per_batch * cfg.gptq_calibration_batches
+    reserve = cfg.gptq_reserve_multiple * projected + RESERVE_SLACK_SECONDS
+    if reserve >= cfg.max_wallclock_seconds:
+        raise ConfigError(f"measured calibration needs a {reserve:.1f}s reserve, more than MAX_WALLCLOCK_SECONDS="
+                          f"{cfg.max_wallclock_seconds:g}: lower GPTQ_CALIBRATION_BATCHES or set GPTQ_RESERVE_SECONDS")
+    log(f"gptq:calibration measured {per_batch:.3f}s per batch x {cfg.gptq_calibration_batches} = {projected:.2f}s "
+        f"projected; reserve = {cfg.gptq_reserve_multiple:g} x projected + {RESERVE_SLACK_SECONDS:g}s")
+    return reserve, projected
 
 
 def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
-    """Warm up, then run the timed loop until the wallclock cap/ITERATIONS; returns a stats dict."""
+    """Warm up, then run the timed loop until the wallclock cap/ITERATIONS; returns a stats dict.
+
+    stats["nll_fn"] is the trainer's (compiled) per-token NLL function, reused by the post-EMA diagnostic."""
     trainer = Trainer(cfg, rt, model)
     make_loader = lambda: TrainLoader(cfg, rt, train_files)
-    budget = training_budget_ms(cfg)
-    log(f"gptq:reserving {cfg.gptq_reserve_seconds:g}s, effective={budget:.0f}ms")
     loader = compile_warmup(cfg, rt, trainer, make_loader, log)
+    reserve, projected = resolve_gptq_reserve(cfg, rt, model, log)
+    budget = training_budget_ms(cfg, reserve)
+    log(f"gptq:reserving {reserve:g}s, effective={budget:.0f}ms")
     graphs_before_clock = compiled_graph_count()
     averager = WeightAverager(cfg, model)
     clock = TrainClock(rt)
+    monitor = StepMonitor(rt)
     looped, stop_at, step = False, None, 0
-    reached = torch.zeros((), device=rt.device)
+    lr_at, last_finite, step_ms = {}, (None, None), 0.0
     batch = loader.next_batch()
-    stats = {"loop_enabled_step": None, "train_losses": []}
+    stats = {"loop_enabled_step": None, "train_losses": [], "curve": [], "val_curve": [],
+             "gptq_reserve_seconds": reserve, "calibration_projected_seconds": projected, "nll_fn": trainer.nll_fn}
+
+    def settle(done):
+        """Fold a finished step's (step, loss, over) into the curve; raise on a non-finite loss."""
+        nonlocal stop_at, last_finite
+        if done is None:
+            return
+        k, loss_value, over = done
+        if not math.isfinite(loss_value):
+            lr = lr_at.get(k, (float("nan"), looped))[0]
+            line = (f"diverged: non-finite train loss at step {k}; last finite loss {last_finite[1]} at step "
+                    f"{last_finite[0]}; lr multiplier {lr:.4g} (matrix_lr {cfg.matrix_lr * lr:.4g}, embed_lr "
+                    f"{cfg.embed_lr * lr:.4g}); stopping (log and summary kept)")
+            log(line)
+            stats.update(steps=k, train_time_ms=clock.ms(), diverged_step=k)
+            raise TrainingDiverged(line)
+        last_finite = (k, round(loss_value, 4))
+        lr, was_looped = lr_at.pop(k, (1.0, looped))
+        stats["curve"].append([k, round(clock.ms(), 1), round(loss_value, 5), round(lr, 5), int(was_looped)])
+        if over and stop_at is None:
+            stop_at = k + 1  # the step queued after k is the last one
+
     clock.start()
     while True:
         last = step >= cfg.iterations or (stop_at is not None and step >= stop_at)
@@ -1320,23 +1496,32 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
             log(f"{step}/{cfg.iterations} val_loss: {val_loss:.4f} val_bpb: {val_bpb:.4f}")
             stats.setdefault("step0_val_bpb", val_bpb)
             stats.update(last_val_loss=val_loss, last_val_bpb=val_bpb)
+            stats["val_curve"].append([step, round(clock.ms(), 1), round(val_loss, 5), round(val_bpb, 5)])
             clock.start()
         if last:
+            settle(monitor.latest())
             if stop_at is not None and step < cfg.iterations:
                 log(f"stopping_early: wallclock_cap train_time: {clock.ms():.0f}ms step: {step}/{cfg.iterations}")
             break
-        frac = training_fraction(cfg, clock.ms(), step)
+        frac = training_fraction(cfg, budget, clock.ms(), step)
         if not looped and cfg.num_loops > 0 and frac >= cfg.enable_looping_at:
             looped = True
             stats["loop_enabled_step"] = step
             enc, dec = layer_layout(cfg, True)
             log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{enc} decoder:{dec}")
-        loss = trainer.step(batch, step, lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr), looped)
-        batch = loader.next_batch()  # host-side work overlaps the queued GPU step
+        lr_mul = lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr)
+        t_step = clock.ms()
+        loss_share = trainer.step(batch, step, lr_mul, looped)
+        batch = loader.next_batch()  # host-side work overlaps the queued device step
         step += 1
+        lr_at[step] = (lr_mul, looped)
         averager.update(step, frac)
+        step_ms = 0.9 * step_ms + 0.1 * (clock.ms() - t_step) if step > 1 else clock.ms() - t_step
+        # Over budget if the step queued next would end past it (the flag is read one step late).
+        settle(monitor.push(step, loss_share, budget > 0 and clock.ms() + step_ms >= budget))
         if step <= 5 or step == THROUGHPUT_CHECK_STEP or (cfg.train_log_every > 0 and step % cfg.train_log_every == 0):
-            elapsed, loss_value = clock.ms(), loss.item()
+            loss_value = monitor.latest()[1]
+            elapsed = clock.ms()
             tok_s = step * cfg.train_batch_tokens / max(elapsed / 1000.0, 1e-9)
             stats["train_losses"].append([step, loss_value])
             if step == THROUGHPUT_CHECK_STEP and cfg.preset == "record" and rt.world_size == 8 and not looped:
@@ -1345,9 +1530,6 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
                     f"settings or no FA3)")
             log(f"{step}/{cfg.iterations} train_loss: {loss_value:.4f} train_time: {elapsed / 60000:.1f}m "
                 f"tok/s: {tok_s:.0f}")
-        if budget > 0:
-            if any_rank(clock.ms() >= budget, rt, reached):
-                stop_at = step
     clock.pause()
     alloc, reserved = rt.peak_memory_mib()
     log(f"peak memory allocated: {alloc} MiB reserved: {reserved} MiB")
@@ -1366,10 +1548,11 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
 
 
 @torch.no_grad()
-def collect_hessians(cfg, rt, model, train_files, looped):
-    """X^T X (fp32) of every block linear's input and of the final-norm output, from training batches only.
+def collect_hessians(rt, model, batches, looped):
+    """X^T X (fp32) of every block linear's input and of the final-norm output over `batches`.
 
-    Returns {weight name: H}; q/k/v share one matrix. Sums over ranks, so it is independent of world size.
+    batches: iterable of micro-batch lists [(x, y), ...] (training data only). Returns {weight name: H};
+    q/k/v share one matrix. Sums over ranks, so it is independent of world size.
     """
     sites, hooks = {}, []
 
@@ -1391,11 +1574,10 @@ def collect_hessians(cfg, rt, model, train_files, looped):
                   block.attn.proj.register_forward_pre_hook(make_hook(f"{i}.attn_out")),
                   block.mlp.fc.register_forward_pre_hook(make_hook(f"{i}.mlp_in")),
                   block.mlp.proj.register_forward_pre_hook(make_hook(f"{i}.mlp_out"))]
-    loader = TrainLoader(cfg, rt, train_files)
     model.eval()
     try:
-        for _ in range(cfg.gptq_calibration_batches):
-            for x, _y in loader.next_batch():
+        for micro_batches in batches:
+            for x, _y in micro_batches:
                 with rt.autocast():
                     h = model.hidden(x, looped)
                 h = h.reshape(-1, h.size(-1)).float()
@@ -1459,10 +1641,11 @@ def gptq_quantize(W, H, bits, clip_sigmas, block_size=128, damp=0.01):
     return Q[:, torch.argsort(perm)], scales
 
 
-def quantize_state(cfg, model, hessians):
+def quantize_state(cfg, model, hessians, clip_scale=1.0):
     """Quantise every float tensor with > QUANT_MIN_NUMEL elements (GPTQ); the rest pass through as fp16.
 
-    Returns a list of entries {name, kind, shape, dtype, bits?, q?, scale?, data?}.
+    clip_scale multiplies every clip sigma (the size fit raises it). Returns a list of entries
+    {name, kind, shape, dtype, bits?, q?, scale?, data?}.
     """
     entries = []
     for name, t in model.state_dict().items():
@@ -1473,7 +1656,7 @@ def quantize_state(cfg, model, hessians):
                 raise RuntimeError(f"no calibration Hessian for {name}")
             embed = name == "tok_emb.weight"
             bits = cfg.embed_bits if embed else cfg.matrix_bits
-            k = cfg.embed_clip_sigmas if embed else cfg.matrix_clip_sigmas
+            k = clip_scale * (cfg.embed_clip_sigmas if embed else cfg.matrix_clip_sigmas)
             q, s = gptq_quantize(t, hessians[name], bits, k, cfg.gptq_block_size, cfg.gptq_damp)
             entry.update(kind="gptq", bits=bits, q=q.cpu(), scale=s.half().cpu())
         else:
@@ -1503,6 +1686,174 @@ def describe_quantization(entries):
         name = ".".join(p for i, p in enumerate(parts) if not (i == 1 and parts[0] == "blocks"))
         groups.setdefault(label, set()).add(name)
     return ["Quantized weights:"] + [f"  {k}: {', '.join(sorted(v))}" for k, v in sorted(groups.items())]
+
+
+# --- fitting under the byte cap: zero the cheapest +-1 values, raise the clips if that is not enough ------
+FIT_MAX_PRUNE_FRACTION = 0.05  # share of all quantised values that may be zeroed at one clip setting
+FIT_MAX_ATTEMPTS = 8  # compressions after the first (each one is measured, never assumed)
+
+
+class SizeFitError(RuntimeError):
+    """The artifact cannot be made to fit SIZE_LIMIT_BYTES within the allowed quality cost."""
+
+
+def prune_plan(entries, state, hessians):
+    """Every quantised +-1 value, cheapest first, by the H-weighted output error zeroing it adds.
+
+    The cost of w ~ q*s -> 0 is H_jj * (w^2 - (w - q*s)^2) (diagonal of H). Returns numpy arrays of equal
+    length: (entry index, flat index, bits, value +-1, cumulative cost)."""
+    costs, ids, flat, bits, signs = [], [], [], [], []
+    for i, e in enumerate(entries):
+        if e["kind"] != "gptq":
+            continue
+        q = e["q"].float()
+        w = state[e["name"]].detach().float().cpu()
+        d = torch.diag(hessians[e["name"]]).float().cpu()[None, :]
+        cost = (d * (w.square() - (w - q * e["scale"].float()[:, None]).square())).flatten()
+        where = (q.abs() == 1).flatten().nonzero().squeeze(1)
+        costs.append(cost[where].double())
+        flat.append(where)
+        ids.append(torch.full_like(where, i))
+        bits.append(torch.full_like(where, e["bits"]))
+        signs.append(q.flatten()[where].long())
+    if not costs:
+        return tuple(np.zeros(0, np.int64) for _ in range(4)) + (np.zeros(0),)
+    order = torch.argsort(torch.cat(costs), stable=True)
+    cat = lambda xs: torch.cat(xs)[order].numpy()
+    return cat(ids), cat(flat), cat(bits), cat(signs), np.cumsum(cat(costs))
+
+
+def apply_pruning(entries, plan, n):
+    """Copy of `entries` with the plan's n cheapest +-1 values set to 0 (tensors not touched are shared)."""
+    ids, flat = plan[0][:n], plan[1][:n]
+    out = list(entries)
+    for i in np.unique(ids):
+        e = dict(entries[i])
+        q = e["q"].clone()
+        q.view(-1)[torch.from_numpy(flat[ids == i])] = 0
+        e["q"] = q
+        out[i] = e
+    return out
+
+
+def level_counts(entries):
+    """{bits: counts of each integer level -Q..Q} over the GPTQ tensors (numpy int64)."""
+    counts = {}
+    for e in entries:
+        if e["kind"] == "gptq":
+            qmax = 2 ** (e["bits"] - 1) - 1
+            c = torch.bincount((e["q"].flatten().long() + qmax), minlength=2 * qmax + 1).numpy()
+            counts[e["bits"]] = counts.get(e["bits"], 0) + c
+    return counts
+
+
+def code_length_bits(counts):
+    """Order-0 entropy code length in bits of {bits: level counts}."""
+    total = 0.0
+    for c in counts.values():
+        c = c[c > 0].astype(np.float64)
+        total -= float((c * np.log2(c / c.sum())).sum())
+    return total
+
+
+def pruned_counts(counts, plan, n):
+    """Level counts after zeroing the plan's first n +-1 values (each moves one count from +-1 to 0)."""
+    out = {b: c.copy() for b, c in counts.items()}
+    for b in out:
+        mid = len(out[b]) // 2
+        for sign in (-1, 1):
+            moved = int(((plan[2][:n] == b) & (plan[3][:n] == sign)).sum())
+            out[b][mid + sign] -= moved
+            out[b][mid] += moved
+    return out
+
+
+def prune_count_for(counts, plan, bits_to_save, limit):
+    """Smallest n <= limit whose order-0 saving reaches bits_to_save (bisection), or None if none does."""
+    base = code_length_bits(counts)
+    saving = lambda n: base - code_length_bits(pruned_counts(counts, plan, n))
+    if limit <= 0 or saving(limit) < bits_to_save:
+        return None
+    lo, hi = 0, limit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if saving(mid) < bits_to_save else (lo, mid)
+    return hi
+
+
+def fit_to_size(cfg, model, hessians, entries, encode, target, log):
+    """Return (entries, artifact bytes, info) with len(bytes) <= target: the first artifact if it fits, else
+    the cheapest +-1 values zeroed (up to FIT_MAX_PRUNE_FRACTION of all values) and, when that cannot reach
+    the target, every clip sigma raised by the entropy estimate and GPTQ rerun. Sizes are always measured by
+    compressing; the order-0 entropy model only chooses the next attempt. Raises SizeFitError."""
+    data = encode(entries)
+    if len(data) <= target:
+        return entries, data, None
+    first = len(data)
+    state = model.state_dict()
+    n_values = sum(e["q"].numel() for e in entries if e["kind"] == "gptq")
+    scale, base, base_size, n = 1.0, entries, first, 0
+    plan, counts, ratio = prune_plan(base, state, hessians), level_counts(base), None
+    for attempt in range(1, FIT_MAX_ATTEMPTS + 1):
+        if ratio is None:  # compressed bytes per entropy byte, calibrated on the first measurement
+            ratio = base_size / max(code_length_bits(counts) / 8, 1.0)
+        need_bits = 8 * (base_size - target) / ratio * 1.02 + 64
+        limit = min(len(plan[0]), int(FIT_MAX_PRUNE_FRACTION * n_values))
+        want = prune_count_for(counts, plan, need_bits, limit)
+        if want is None:  # pruning alone cannot get there: raise the clips (bits ~ -N*log2(k) + const)
+            scale *= 1.0 + 1.1 * need_bits * math.log(2) / max(n_values, 1)
+            if scale > 1.5:
+                raise SizeFitError(f"artifact is {first - target} bytes over its share of SIZE_LIMIT_BYTES="
+                                   f"{cfg.size_limit_bytes}: too far to fit by pruning and clipping; raise "
+                                   f"MATRIX_CLIP_SIGMAS, lower MATRIX_BITS/EMBED_BITS or shrink the model")
+            log(f"size_fit: attempt {attempt}: clip sigmas x{scale:.4f} (pruning alone cannot save "
+                f"{base_size - target} bytes), re-running GPTQ")
+            base = quantize_state(cfg, model, hessians, clip_scale=scale)
+            base_size, n, ratio = len(encode(base)), 0, None
+            plan, counts = prune_plan(base, state, hessians), level_counts(base)
+            continue
+        n = max(want, int(1.05 * n) + 1)  # always progress past a measured miss
+        entries = apply_pruning(base, plan, n)
+        data = encode(entries)
+        predicted_bits = code_length_bits(counts) - code_length_bits(pruned_counts(counts, plan, n))
+        log(f"size_fit: attempt {attempt}: zeroed {n} of {len(plan[0])} +-1 values -> {len(data)} bytes "
+            f"(target {target})")
+        if len(data) <= target:
+            info = dict(values_zeroed=n, clip_scale=round(scale, 6), first_bytes=first, final_bytes=len(data),
+                        attempts=attempt, h_weighted_cost=float(plan[4][n - 1]) if n else 0.0)
+            return entries, data, info
+        ratio = max((base_size - len(data)) / max(predicted_bits / 8, 1.0), 0.05)  # measured bytes per bit
+    raise SizeFitError(f"artifact still over its share of SIZE_LIMIT_BYTES={cfg.size_limit_bytes} after "
+                       f"{FIT_MAX_ATTEMPTS} attempts; raise MATRIX_CLIP_SIGMAS or shrink the model")
+
+
+@torch.no_grad()
+def sample_sequences(model, rt, n, length, looped, seed=0):
+    """n sequences (n, length+1) sampled at temperature 1 from the model, each starting at BOS."""
+    gen = torch.Generator(device=rt.device).manual_seed(seed)
+    ids = torch.full((n, 1), BOS_ID, dtype=torch.int64, device=rt.device)
+    for _ in range(length):
+        with rt.autocast():
+            logits = model.logits(ids, looped)[:, -1].float()
+        ids = torch.cat([ids, torch.multinomial(logits.softmax(-1), 1, generator=gen)], dim=1)
+    return ids
+
+
+@torch.no_grad()
+def fit_cost_bpb(cfg, rt, model, before, after, byte_counter, looped, n_seqs=8):
+    """Estimated BPB cost of the size fit: mean NLL of the `after` weights minus the `before` weights on
+    sequences sampled from the float model (no training or validation data), in bits per byte."""
+    ids = sample_sequences(model, rt, n_seqs, min(cfg.eval_seq_len, 512), looped)
+    x, y = ids[:, :-1], ids[:, 1:]
+    nbytes = byte_counter.count(x, y).sum().item()
+    scratch = copy.deepcopy(model)
+    nll = []
+    for entries in (before, after):
+        scratch.load_state_dict({k: v.to(rt.device) for k, v in dequantize_entries(entries).items()})
+        with rt.autocast():
+            nll.append(scratch.token_nll(x, y, looped).double().sum().item())
+    del scratch
+    return (nll[1] - nll[0]) / (math.log(2) * max(nbytes, 1))
 
 
 # --- artifact format ------------------------------------------------------------------------
@@ -1608,17 +1959,27 @@ def deserialize_entries(blob, path="<bytes>"):
     return entries, header["arch"]
 
 
-def write_artifact(path, entries, arch, compressor):
-    """Serialise, byte-shuffle, compress and write the artifact; returns its size in bytes."""
+def encode_artifact(entries, arch, compressor):
+    """The artifact file's bytes: header, sha256, compressed byte-shuffled blob."""
     compress, _ = get_compressor(compressor)
     payload = compress(byte_shuffle(serialize_entries(entries, arch)))
     head = ARTIFACT_MAGIC + struct.pack("<HBBQ", ARTIFACT_VERSION, COMPRESSORS[compressor], 0, len(payload))
+    return head + hashlib.sha256(payload).digest() + payload
+
+
+def write_file_atomically(path, data):
+    """Write bytes to `path` via a temporary file and rename (never a half-written file); returns the size."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-        f.write(head + hashlib.sha256(payload).digest() + payload)
+        f.write(data)
     os.replace(tmp, path)
     return os.path.getsize(path)
+
+
+def write_artifact(path, entries, arch, compressor):
+    """Serialise, byte-shuffle, compress and write the artifact; returns its size in bytes."""
+    return write_file_atomically(path, encode_artifact(entries, arch, compressor))
 
 
 def read_artifact(path, data=None):
@@ -2087,7 +2448,8 @@ def log_header(cfg, rt, log, train_glob, val_glob, tok_path):
     log(f"source: {Path(__file__).name} sha256:{hashlib.sha256(src).hexdigest()}")
     nccl = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL"))}
     log(f"device:{rt.device} dtype:{str(rt.compute_dtype).replace('torch.', '')} attention:{rt.attention_backend} "
-        f"compile:{rt.compile} fullgraph:{rt.fullgraph} world_size:{rt.world_size} nccl_env:{json.dumps(nccl)}")
+        f"compile:{rt.compile} fullgraph:{rt.fullgraph} world_size:{rt.world_size} "
+        f"dist_timeout:{cfg.dist_timeout_seconds:g}s nccl_env:{json.dumps(nccl)}")
     if rt.compile and not rt.fullgraph:
         log(f"WARNING: {rt.attention_backend} is not traceable by torch.compile in this install; compiling with "
             f"graph breaks around attention (slower); a wheel registering torch.ops.flash_attn_3 avoids this")
@@ -2177,18 +2539,22 @@ def export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, l
     log("GPTQ:collecting Hessians from calibration data...")
     rt.sync()
     t = time.perf_counter()
-    hessians = collect_hessians(cfg, rt, model, train_files, looped)
+    loader = TrainLoader(cfg, rt, train_files)
+    hessians = collect_hessians(rt, model, (loader.next_batch() for _ in range(cfg.gptq_calibration_batches)),
+                                looped)
     rt.sync()
     hess_s = time.perf_counter() - t
+    reserve = stats["gptq_reserve_seconds"]
     log(f"GPTQ:collected {len(set(id(h) for h in hessians.values()))} Hessians "
-        f"({len(hessians)} matrices) in {hess_s:.1f}s")
-    report["hessian_seconds"] = round(hess_s, 3)
-    if hess_s > cfg.gptq_reserve_seconds:
-        log(f"WARNING: Hessian collection took {hess_s:.1f}s > GPTQ_RESERVE_SECONDS={cfg.gptq_reserve_seconds:g}: "
-            f"training-data access ran past the wallclock cap; raise GPTQ_RESERVE_SECONDS")
+        f"({len(hessians)} matrices) in {hess_s:.1f}s (reserve {reserve:.1f}s)")
+    report.data.update(hessian_seconds=round(hess_s, 3), gptq_reserve_seconds=round(reserve, 3),
+                       calibration_projected_seconds=stats["calibration_projected_seconds"])
+    if cfg.max_wallclock_seconds > 0 and hess_s > reserve:
+        log(f"WARNING: Hessian collection took {hess_s:.1f}s > the {reserve:.1f}s reserve: training-data access ran "
+            f"past the wallclock cap; raise GPTQ_RESERVE_SECONDS (or GPTQ_RESERVE_MULTIPLE)")
     report["train_plus_calibration_seconds"] = round(stats["train_time_ms"] / 1000 + hess_s, 3)
     t = time.perf_counter()
-    loss, bpb = eval_plain(cfg, rt, EvalFns(model, rt).nll, val_tokens, byte_counter, looped)
+    loss, bpb = eval_plain(cfg, rt, stats.pop("nll_fn"), val_tokens, byte_counter, looped)  # trainer's graph
     log(f"pre-quantization post-ema val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
         f"eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
     report.setdefault("results", {})["pre_quantization_post_ema"] = {"val_loss": loss, "val_bpb": bpb}
@@ -2200,9 +2566,11 @@ def export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, l
     failure = None
     try:
         if rt.is_main:
-            write_and_account(cfg, rt, model, hessians, code_n, code_desc, log, report)
+            write_and_account(cfg, rt, model, hessians, code_n, code_desc, byte_counter, log, report)
     except Exception as e:  # every rank must learn about it, or the others wait in the barrier
         failure = e
+        report.data.update(status="export_failed", error=f"{type(e).__name__}: {e}")
+        report.flush()
     failed = any_rank(failure is not None, rt)
     if failure is not None:
         raise failure
@@ -2213,16 +2581,42 @@ def export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, l
     return path
 
 
-def write_and_account(cfg, rt, model, hessians, code_n, code_desc, log, report):
-    """Rank 0: GPTQ-quantise, write the artifact, log sizes; raise if the total breaks SIZE_LIMIT_BYTES."""
-    path = cfg.artifact_path
+def write_and_account(cfg, rt, model, hessians, code_n, code_desc, byte_counter, log, report):
+    """Rank 0: GPTQ-quantise, write the artifact, fit it under SIZE_LIMIT_BYTES if needed, log the bytes.
+
+    The first artifact is written before any fitting, so a failed fit still leaves it on disk."""
+    path, arch = cfg.artifact_path, architecture(cfg)
     t = time.perf_counter()
     with rt.exact_matmul():
         entries = quantize_state(cfg, model, hessians)
     for line in describe_quantization(entries):
         log(line)
-    model_bytes = write_artifact(path, entries, architecture(cfg), cfg.compressor)
-    total = model_bytes + code_n
+    encode = lambda es: encode_artifact(es, arch, cfg.compressor)
+    data = encode(entries)
+    write_file_atomically(path, data)
+    target = cfg.size_limit_bytes - code_n
+    if len(data) > target:
+        log(f"size_fit: first artifact {len(data)} + code {code_n} = {len(data) + code_n} bytes is "
+            f"{len(data) - target} over SIZE_LIMIT_BYTES={cfg.size_limit_bytes}; artifact kept at {path}")
+        if not cfg.size_fit:
+            raise SizeFitError(f"artifact total {len(data) + code_n} bytes exceeds SIZE_LIMIT_BYTES="
+                               f"{cfg.size_limit_bytes} and SIZE_FIT=0: raise MATRIX_CLIP_SIGMAS / lower bits or "
+                               f"model size (artifact kept at {path})")
+        with rt.exact_matmul():
+            fitted, data, info = fit_to_size(cfg, model, hessians, entries, encode, target, log)
+        info["estimated_cost_bpb"] = fit_cost_bpb(cfg, rt, model, entries, fitted, byte_counter, cfg.num_loops > 0)
+        n_values = sum(e["q"].numel() for e in entries if e["kind"] == "gptq")
+        log(f"size_fit: done: {info['values_zeroed']} values zeroed ({100 * info['values_zeroed'] / n_values:.3f}% "
+            f"of quantised values), clip sigmas x{info['clip_scale']:g}, {info['attempts']} compressions; "
+            f"estimated cost {info['estimated_cost_bpb']:+.5f} BPB on model-generated text")
+        report["size_fit"] = info
+        if info["estimated_cost_bpb"] > cfg.size_fit_max_bpb:
+            raise SizeFitError(f"fitting under SIZE_LIMIT_BYTES={cfg.size_limit_bytes} would cost an estimated "
+                               f"{info['estimated_cost_bpb']:.5f} BPB > SIZE_FIT_MAX_BPB={cfg.size_fit_max_bpb:g}: "
+                               f"raise MATRIX_CLIP_SIGMAS, lower MATRIX_BITS/EMBED_BITS or shrink the model "
+                               f"(unfitted artifact kept at {path})")
+        write_file_atomically(path, data)
+    model_bytes, total = len(data), len(data) + code_n
     log(f"Serialized model quantized+{cfg.compressor}: {model_bytes} bytes")
     log(f"Total submission size quantized+{cfg.compressor}: {total} bytes")
     log(f"size:headroom {cfg.size_limit_bytes - total} bytes under SIZE_LIMIT_BYTES={cfg.size_limit_bytes} "
@@ -2230,9 +2624,6 @@ def write_and_account(cfg, rt, model, hessians, code_n, code_desc, log, report):
     report.data.update(bytes_model=model_bytes, bytes_code=code_n, bytes_total=total, artifact_path=path,
                        code_bytes_counted=code_desc)
     report.flush()
-    if total > cfg.size_limit_bytes:
-        raise RuntimeError(f"artifact total {total} bytes exceeds SIZE_LIMIT_BYTES={cfg.size_limit_bytes}: "
-                           f"raise MATRIX_CLIP_SIGMAS / lower bits or model size (artifact kept at {path})")
 
 
 def run(cfg, rt, log):
@@ -2265,11 +2656,19 @@ def run(cfg, rt, log):
         log(f"eval_only: scoring {cfg.eval_only}")
         run_evaluation(cfg, rt, cfg.eval_only, val_tokens, byte_counter, log, report)
     else:
-        stats = train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log)
+        try:
+            stats = train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log)
+        except TrainingDiverged as e:
+            report.data.update(status="diverged", error=str(e))
+            report.flush()
+            raise
         report.data.update(steps=stats["steps"], train_time_ms=round(stats["train_time_ms"], 1),
                            loop_enabled_step=stats["loop_enabled_step"], step0_val_bpb=stats.get("step0_val_bpb"),
                            last_in_loop_val_bpb=stats.get("last_val_bpb"),
-                           recompiles_in_loop=stats["recompiles_in_loop"], train_losses=stats["train_losses"])
+                           recompiles_in_loop=stats["recompiles_in_loop"], train_losses=stats["train_losses"],
+                           curves={"train": stats["curve"], "val": stats["val_curve"],
+                                   "train_columns": ["step", "train_ms", "loss", "lr_mul", "looped"],
+                                   "val_columns": ["step", "train_ms", "val_loss", "val_bpb"]})
         report.flush()
         post_train_t0 = time.perf_counter()
         path = export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, log, report)
@@ -2311,10 +2710,12 @@ def main(argv=None):
     log = Logger(cfg, rt)
     try:
         run(cfg, rt, log)
-    except (ConfigError, ArtifactError) as e:
+    except (ConfigError, ArtifactError, SizeFitError) as e:
         log(f"error: {e}")
         print(f"[rank {rt.rank}] error: {e}", file=sys.stderr, flush=True)
         return 2
+    except TrainingDiverged:  # already logged on rank 0 with step, last finite loss and LR
+        return 3
     except BaseException:
         log("error: unhandled exception\n" + traceback.format_exc())
         print(f"[rank {rt.rank}] " + traceback.format_exc(), file=sys.stderr, flush=True)

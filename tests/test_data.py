@@ -400,3 +400,55 @@ def test_record_preset_refuses_a_partial_validation_set(tmp_path, shared_tokeniz
     cfg.expected_val_tokens = 0
     *_, val = tg.prepare_data(cfg, cpu_runtime, lambda *a, **k: None)
     assert val.numel() - 1 == (len(tokens) - 1) // 2048 * 2048
+
+
+# ------------------------------------------------------------------------------------------------
+# The smoke data builder never touches what the user owns
+# ------------------------------------------------------------------------------------------------
+
+
+def tree_digest(root):
+    """{relative path: sha256} of every file under root."""
+    import hashlib
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def test_smoke_run_with_user_train_files_writes_nothing_and_names_the_fix(tmp_path):
+    """The reported case: PRESET=smoke TRAIN_FILES=<user dir> on a fresh clone. The user's directory stays
+    byte-identical, DATA_DIR stays empty, and the run fails with one line naming VAL_FILES/TOKENIZER_PATH."""
+    from conftest import run_script
+    user = tmp_path / "user_data"
+    tg.write_shard(user / "fineweb_train_000000.bin", np.arange(5000) % 1000)
+    before = tree_digest(user)
+    data_dir = tmp_path / "fresh_data"
+    proc = run_script({"PRESET": "smoke", "DATA_DIR": data_dir, "TRAIN_FILES": user / "fineweb_train_*.bin",
+                       "RUN_ID": "named"}, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "TRAIN_FILES set" in proc.stderr and "VAL_FILES" in proc.stderr and "TOKENIZER_PATH" in proc.stderr
+    assert tree_digest(user) == before
+    assert not data_dir.exists() or tree_digest(data_dir) == {}
+
+
+def test_smoke_builder_refuses_partial_default_data_without_overwriting(tmp_path):
+    """A leftover file in the default location is never replaced: the builder stops and says what to delete."""
+    cfg = tg.load_config({"PRESET": "smoke", "DATA_DIR": str(tmp_path)})
+    _, _, tok_path = tg.data_paths(cfg)
+    Path(tok_path).parent.mkdir(parents=True)
+    Path(tok_path).write_bytes(b"the user's own file")
+    with pytest.raises(tg.ConfigError, match="incomplete smoke data.*delete"):
+        tg.build_smoke_data(cfg, lambda *a, **k: None)
+    assert Path(tok_path).read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [Path(tok_path).name]
+
+
+def test_smoke_builder_reuses_complete_data_untouched(smoke_data_dir):
+    """A second call on complete smoke data changes no byte and no modification time."""
+    cfg = tg.load_config({"PRESET": "smoke", "DATA_DIR": str(smoke_data_dir)})
+    files = [p for p in Path(smoke_data_dir).rglob("*") if p.is_file()]
+    stamps = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in files}
+    digest = tree_digest(smoke_data_dir)
+    tg.build_smoke_data(cfg, lambda *a, **k: None)
+    assert tree_digest(smoke_data_dir) == digest
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in files} == stamps
+    assert not list(Path(smoke_data_dir).glob(".smoke_build_*"))  # the temporary build folder is gone

@@ -12,6 +12,7 @@ TINY_RUN = dict(
     VAL_LOSS_EVERY=0, NUM_LAYERS=4, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, LOOP_START=1,
     LOOP_END=1, PARALLEL_RESIDUAL_START=2, XSA_LAST_N=2, ENABLE_LOOPING_AT=0.5, GPTQ_CALIBRATION_BATCHES=2,
     EVAL_STRIDE=128, TTT_CHUNK_TOKENS=16384, TTT_EPOCHS=1, QUANTIZED_PLAIN_EVAL=1,
+    GRAD_ACCUM_BASE=4,  # 1 rank: 4 micro-steps; 2 ranks: 2 each, the first under DDP no_sync
 )
 
 
@@ -43,7 +44,7 @@ def paired_runs(smoke_data_dir, tmp_path_factory):
 
 
 def test_two_ranks_train_like_one(paired_runs):
-    """Per-step global train loss of 2 ranks x 1 micro-step equals 1 rank x 2 micro-steps (1e-4 rel)."""
+    """Per-step global train loss of 2 ranks x 2 micro-steps (DDP) equals 1 rank x 4 micro-steps (1e-4 rel)."""
     one, two = paired_runs["w1"][0]["train_losses"], paired_runs["w2"][0]["train_losses"]
     assert len(one) == len(two) == 20
     for (s1, l1), (s2, l2) in zip(one, two):

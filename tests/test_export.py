@@ -484,3 +484,144 @@ def test_smoke_quantization_costs_less_than_005_bpb(smoke_run):
     assert res["pre_quantization_post_ema"]["val_bpb"] == pytest.approx(pre_bpb, abs=1e-8)
     assert summary["bytes_total"] <= summary["config"]["size_limit_bytes"]
     assert summary["legality"]["scored_exactly_once"] and summary["legality"]["score_before_update"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting under the byte cap
+# ---------------------------------------------------------------------------------------------
+
+
+def trained_like_entries(seed=0, rows=96, cols=128):
+    """(entries, state, hessians) of two GPTQ tensors quantised from correlated weights and a real-ish H."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(2000, cols, generator=g) @ torch.randn(cols, cols, generator=g) / cols ** 0.5
+    H = X.T @ X
+    state, entries = {}, []
+    for name in ("blocks.0.attn.c_q.weight", "blocks.0.mlp.fc.weight"):
+        W = torch.randn(rows, cols, generator=g)
+        q, s = tg.gptq_quantize(W, H, 6, 12.85)
+        state[name] = W
+        entries.append(dict(name=name, kind="gptq", shape=[rows, cols], dtype="float32", bits=6, q=q,
+                            scale=s.half()))
+    return entries, state, {n: H for n in state}
+
+
+def test_prune_plan_orders_plus_minus_one_values_by_h_weighted_cost():
+    """The plan lists exactly the +-1 values, cheapest first, with cost H_jj (w^2 - (w - q s)^2)."""
+    entries, state, hessians = trained_like_entries()
+    ids, flat, bits, signs, cum = tg.prune_plan(entries, state, hessians)
+    assert len(ids) == sum(int((e["q"].abs() == 1).sum()) for e in entries)
+    costs = np.diff(np.concatenate([[0.0], cum]))
+    assert np.all(np.diff(costs) >= -1e-9)  # ascending
+    i, j = int(ids[0]), int(flat[0])  # recompute the cheapest one by hand
+    e, H = entries[i], hessians[entries[i]["name"]]
+    r, c = divmod(j, e["q"].shape[1])
+    w, qs = state[e["name"]][r, c].item(), e["q"][r, c].item() * e["scale"][r].float().item()
+    assert abs(costs[0] - H[c, c].item() * (w ** 2 - (w - qs) ** 2)) <= 1e-4 * abs(H[c, c].item())
+    assert np.array_equal(signs, [entries[i]["q"].flatten()[j].item() for i, j in zip(ids, flat)])
+    pruned = tg.apply_pruning(entries, (ids, flat, bits, signs, cum), 50)
+    changed = sum(int((a["q"] != b["q"]).sum()) for a, b in zip(entries, pruned))
+    assert changed == 50
+    for a, b in zip(entries, pruned):
+        diff = a["q"] != b["q"]
+        assert torch.all(a["q"][diff].abs() == 1) and torch.all(b["q"][diff] == 0)
+    assert all(torch.equal(a["q"], a2["q"]) for a, a2 in zip(entries, trained_like_entries()[0]))  # copy
+
+
+def test_entropy_model_predicts_the_saving_of_pruning():
+    """Zeroing +-1 values lowers the order-0 code length, by the amount the moved counts imply."""
+    entries, state, hessians = trained_like_entries()
+    plan = tg.prune_plan(entries, state, hessians)
+    counts = tg.level_counts(entries)
+    n = 2000
+    predicted = tg.pruned_counts(counts, plan, n)
+    actual = tg.level_counts(tg.apply_pruning(entries, plan, n))
+    assert np.array_equal(predicted[6], actual[6])  # exact, not an approximation
+    assert tg.code_length_bits(predicted) < tg.code_length_bits(counts)
+    need = tg.code_length_bits(counts) - tg.code_length_bits(predicted)
+    assert abs(tg.prune_count_for(counts, plan, need, len(plan[0])) - n) <= 2
+
+
+@pytest.mark.parametrize("over", [0.002, 0.06])
+def test_fit_to_size_lands_under_the_target_by_pruning_or_clipping(over):
+    """A target 0.2% below the natural size is met by pruning alone; 6% below needs raised clips. The
+    sizes returned are measured, and the entries changed only in the announced ways."""
+    entries, state, hessians = trained_like_entries()
+    model = torch.nn.Module()
+    model.state_dict = lambda: state
+    cfg = tg.Hyperparameters(matrix_bits=6, matrix_clip_sigmas=12.85, quant_min_numel=1000)
+    encode = lambda es: tg.encode_artifact(es, {}, "brotli")
+    natural = len(encode(entries))
+    target = int(natural * (1 - over))
+    lines = []
+    model_for_gptq = types_model(state)
+    fitted, data, info = tg.fit_to_size(cfg, model_for_gptq, hessians, entries, encode, target, lines.append)
+    assert len(data) <= target and data == encode(fitted)
+    assert info["final_bytes"] == len(data) and info["first_bytes"] == natural
+    if over < 0.01:
+        assert info["clip_scale"] == 1.0 and info["values_zeroed"] > 0
+    else:
+        assert info["clip_scale"] > 1.0 and any("clip sigmas" in ln for ln in lines)
+
+
+def types_model(state):
+    """A stand-in module whose state_dict() is `state` (what quantize_state and prune_plan read)."""
+    class M(torch.nn.Module):
+        def state_dict(self):
+            return state
+    return M()
+
+
+def test_tiny_run_a_few_kb_over_the_cap_is_fitted_and_scored(tmp_path, tmp_path_factory, tiny_run):
+    """SIZE_LIMIT_BYTES 3 KB below the run's natural total: the run fits itself, logs what it did, lands
+    under the limit and still evaluates the fitted artifact."""
+    natural = int(re.search(r"^Total submission size quantized\+brotli: (\d+)", tiny_run["log"], re.M).group(1))
+    data_dir, small_val, _ = ph.smoke_data(tmp_path_factory)
+    env = ph.tiny_run_env(data_dir, small_val, tmp_path, "fit")
+    env["SIZE_LIMIT_BYTES"] = str(natural - 3000)
+    ph.run_script(ph.SCRIPT, env, cwd=tmp_path)
+    log = (tmp_path / "fit.txt").read_text()
+    total = int(re.search(r"^Total submission size quantized\+brotli: (\d+)", log, re.M).group(1))
+    assert total <= natural - 3000
+    assert re.search(r"^size_fit: first artifact \d+ \+ code \d+ = \d+ bytes is \d+ over", log, re.M)
+    assert re.search(r"^size_fit: done: \d+ values zeroed .* estimated cost [+-]\d\.\d+ BPB", log, re.M)
+    assert re.search(r"^quantized val_loss:\S+ val_bpb:\S+", log, re.M)
+    summary = json.loads((tmp_path / "fit.summary.json").read_text())
+    assert summary["size_fit"]["final_bytes"] + summary["bytes_code"] == total == summary["bytes_total"]
+    assert os.path.getsize(tmp_path / "model.ptz") + summary["bytes_code"] == total
+
+
+def test_fit_over_the_quality_bound_fails_clearly_and_keeps_the_artifact(tmp_path, tmp_path_factory, tiny_run):
+    """With SIZE_FIT_MAX_BPB below any real cost the run stops with one line naming the variables to change,
+    exit code 2, and the unfitted artifact and the summary stay on disk."""
+    natural = int(re.search(r"^Total submission size quantized\+brotli: (\d+)", tiny_run["log"], re.M).group(1))
+    data_dir, small_val, _ = ph.smoke_data(tmp_path_factory)
+    env = ph.tiny_run_env(data_dir, small_val, tmp_path, "nofit")
+    env.update(SIZE_LIMIT_BYTES=str(natural - 3000), SIZE_FIT_MAX_BPB="-1")
+    proc = ph.conftest_run_script(env, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "SIZE_FIT_MAX_BPB" in proc.stderr and "MATRIX_CLIP_SIGMAS" in proc.stderr and "kept" in proc.stderr
+    assert (tmp_path / "model.ptz").exists()
+    summary = json.loads((tmp_path / "nofit.summary.json").read_text())
+    assert summary["status"] == "export_failed" and "size_fit" in summary
+
+
+def test_a_diverging_run_stops_early_with_one_clear_line(tmp_path, tmp_path_factory):
+    """An absurd LR makes the loss non-finite within a few steps: the run stops at once (not after
+    ITERATIONS), logs one line with the step, the last finite loss and the LR, keeps log and summary, and
+    exits with code 3 without a traceback."""
+    data_dir, small_val, _ = ph.smoke_data(tmp_path_factory)
+    env = ph.tiny_run_env(data_dir, small_val, tmp_path, "diverge")
+    env.update(ITERATIONS="200", EMBED_LR="1e6", SCALAR_LR="1e6", MATRIX_LR="1e3", GRAD_CLIP_NORM="0")
+    proc = ph.conftest_run_script(env, tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    log = (tmp_path / "diverge.txt").read_text()
+    line = re.findall(r"^diverged: non-finite train loss at step (\d+); last finite loss (\S+) at step (\S+); "
+                      r"lr multiplier (\S+) \(matrix_lr", log, re.M)
+    assert len(line) == 1, log[-2000:]
+    step = int(line[0][0])
+    assert step < 50
+    assert "GPTQ:collecting" not in log  # nothing after the loop ran
+    summary = json.loads((tmp_path / "diverge.summary.json").read_text())
+    assert summary["status"] == "diverged" and f"step {step}" in summary["error"]

@@ -470,6 +470,18 @@ def test_load_flash_backend_rejects_missing_or_incomplete_modules(monkeypatch):
     assert tg._FLASH == {}
 
 
+def test_flash_wheel_whose_library_fails_to_load_counts_as_missing(monkeypatch, tmp_path):
+    """A broken FA3 wheel raises OSError at import (undefined symbol, CUDA ABI mismatch): treated as absent."""
+    (tmp_path / "flash_attn_interface.py").write_text(
+        "raise OSError('libflash_attn_3.so: undefined symbol: _ZN3c10')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn_interface", raising=False)
+    monkeypatch.setattr(tg, "_FLASH", {})
+    assert tg.load_flash_backend("fa3") is False
+    with pytest.raises(tg.ConfigError, match="not importable"):
+        tg.resolve_attention_backend("fa3", torch.device("cuda"))  # explicit request: a clear error
+
+
 def test_resolve_attention_backend_on_cpu(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(tg, "_FLASH", {})
@@ -491,3 +503,29 @@ def test_resolve_attention_backend_on_cpu(monkeypatch):
     tg._FLASH["fa3"] = fake
     assert tg.resolve_attention_backend("auto", cpu) == "sdpa"
     assert tg.resolve_attention_backend("fa3", cpu) == "fa3"
+
+
+def test_bf16_compute_policy_runs_on_cpu_and_tracks_fp32():
+    """COMPUTE_DTYPE=bf16 (the CUDA policy) runs here under CPU autocast: bf16 embedding, bf16 residual stream
+    (block outputs and skips), and a training loss within 3% of the fp32 run at every one of 8 steps."""
+    cfg = tiny_config(compute_dtype="bf16", grad_accum_base=1, train_batch_tokens=64)
+    rt16 = tg.setup_runtime(cfg)
+    assert rt16.compute_dtype == rt16.embed_dtype == rt16.ns_dtype == torch.bfloat16
+    rt32 = tg.setup_runtime(tiny_config(grad_accum_base=1, train_batch_tokens=64))
+    assert rt32.compute_dtype == torch.float32
+    period = torch.arange(cfg.train_seq_len + 1) % 7 + 3  # a learnable periodic sequence
+    x, y = period[:-1].repeat(4, 1), period[1:].repeat(4, 1)
+    losses = {}
+    for name, rt in (("fp32", rt32), ("bf16", rt16)):
+        model = tg.build_model(cfg, rt)
+        seen = []
+        hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o.dtype)) for b in model.blocks]
+        trainer = tg.Trainer(cfg, rt, model)
+        losses[name] = [trainer.step([(x, y)], s, 1.0, s >= 4).item() * cfg.grad_accum_base for s in range(8)]
+        for h in hooks:
+            h.remove()
+        assert set(seen) == {rt.compute_dtype}, (name, set(seen))
+        assert model.tok_emb.weight.dtype == rt.embed_dtype
+    assert losses["fp32"][-1] < 0.8 * losses["fp32"][0]  # it learned, so agreement is not trivial
+    for a, b in zip(losses["fp32"], losses["bf16"]):
+        assert abs(a - b) <= 0.03 * a, (losses["fp32"], losses["bf16"])
