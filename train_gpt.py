@@ -64,6 +64,7 @@ class Hyperparameters:
     val_files: str = ""
     tokenizer_path: str = ""
     expected_val_tokens: int = -1  # -1: the published count for this vocab/EVAL_SEQ_LEN if known; 0: no check
+    caseops: str = "auto"  # BPB from the val byte sidecars (data/caseops.py); auto: iff the tokenizer has its pieces
     # model
     num_layers: int = 11
     model_dim: int = 512
@@ -288,6 +289,7 @@ def validate_config(cfg, world_size):
     need(cfg.compute_dtype in ("auto", "fp32", "bf16"), f"COMPUTE_DTYPE={cfg.compute_dtype!r} must be auto, fp32 or bf16")
     need(cfg.dist_timeout_seconds > 0, f"DIST_TIMEOUT_SECONDS={cfg.dist_timeout_seconds} must be positive")
     need(cfg.vocab_size <= 65536, f"VOCAB_SIZE={cfg.vocab_size} must fit uint16 shards (<= 65536)")
+    need(cfg.caseops in ("auto", "0", "1"), f"CASEOPS={cfg.caseops!r} must be auto, 0 or 1")
 
 
 def data_paths(cfg):
@@ -525,6 +527,7 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_BYTES = 256 * 4
 BOS_ID = 1
+SIDECAR_TAG = "_val_bytes_"  # byte sidecar of fineweb_val_000000.bin: fineweb_val_bytes_000000.bin
 
 
 def read_shard_header(path):
@@ -648,9 +651,44 @@ class TrainLoader:
         return micro
 
 
+def val_token_files(pattern):
+    """Sorted val token shards matching `pattern`, never byte sidecars (names containing _val_bytes_)."""
+    files = [f for f in resolve_files(pattern, "val") if SIDECAR_TAG not in Path(f).name]
+    if not files:
+        raise ConfigError(f"only byte sidecars match {pattern!r}: point VAL_FILES at the val token shards")
+    return files
+
+
+def sidecar_path(path):
+    """The byte sidecar of val shard `path`: the first `_val_` in its name becomes `_val_bytes_`."""
+    p = Path(path)
+    if "_val_" not in p.name:
+        raise ConfigError(f"val shard {p} has no '_val_' in its name, so its byte sidecar cannot be found: "
+                          f"rename it (data/caseops.py writes fineweb_val_*.bin + fineweb_val_bytes_*.bin)")
+    return p.with_name(p.name.replace("_val_", SIDECAR_TAG, 1))
+
+
+def load_validation_bytes(pattern, seq_len):
+    """CaseOps: original-text UTF-8 bytes per val token (int32), from each val shard's byte sidecar, truncated
+    exactly like load_validation_tokens. ConfigError naming the file if one is missing or does not match."""
+    parts = []
+    for f in val_token_files(pattern):
+        side, fix = sidecar_path(f), "build the val shards and their sidecars with data/caseops.py"
+        if not side.exists():
+            raise ConfigError(f"CaseOps BPB needs the byte sidecar {side} of val shard {f}, which is missing: {fix} "
+                              f"(or set CASEOPS=0 if the tokenizer is not a CaseOps one)")
+        tokens, counts = load_shard(f), load_shard(side)
+        if counts.size != tokens.size or (counts[tokens == BOS_ID] != 0).any():
+            raise ConfigError(f"byte sidecar {side} ({counts.size} entries) does not match val shard {f} "
+                              f"({tokens.size} tokens, BOS entries must be 0): {fix}")
+        parts.append(np.asarray(counts))
+    counts = np.concatenate(parts)
+    return torch.from_numpy(counts[:((counts.size - 1) // seq_len) * seq_len + 1].astype(np.int32))
+
+
 def load_validation_tokens(pattern, seq_len):
     """Concatenate val shards and truncate to usable+1 tokens, usable = floor((N-1)/seq_len)*seq_len."""
-    files = resolve_files(pattern, "val")
+    files = val_token_files(pattern)
     tokens = np.concatenate([np.asarray(load_shard(f)) for f in files])
     usable = ((tokens.size - 1) // seq_len) * seq_len
     if usable <= 0:
@@ -784,6 +822,14 @@ def build_byte_tables(sp, vocab_size):
     return base, space, boundary
 
 
+CASEOPS_OPERATORS = "\ue001\ue002\ue003\ue004"  # data/caseops.py: title, all-caps, cap-next, escape
+
+
+def has_caseops_pieces(sp):
+    """True iff each CaseOps operator character is a piece of its own in tokenizer `sp` (CASEOPS=auto)."""
+    return all(sp.id_to_piece(sp.piece_to_id(c)) == c for c in CASEOPS_OPERATORS)
+
+
 class ByteCounter:
     """Counts UTF-8 bytes of target tokens given their previous tokens, on the device."""
 
@@ -793,9 +839,20 @@ class ByteCounter:
         self.space = torch.from_numpy(space).to(device)
         self.boundary = torch.from_numpy(boundary).to(device)
 
-    def count(self, prev, target):
+    def count(self, prev, target, target_pos=None):
         """Bytes per position (int64, same shape): base[t] + (leading space of t and prev not a boundary)."""
         return self.base[target] + (self.space[target] & ~self.boundary[prev]).long()
+
+
+class SidecarByteCounter:
+    """ByteCounter's interface for CaseOps: bytes of the untransformed text, read by absolute target position."""
+
+    def __init__(self, sidecar, device):
+        self.bytes = sidecar.to(device=device, dtype=torch.int32)
+
+    def count(self, prev, target, target_pos):
+        """Bytes per position (int64): sidecar[target_pos] (prev/target are not needed)."""
+        return self.bytes[target_pos].long()
 
 
 # =============================================================================================
@@ -2154,7 +2211,7 @@ def score_windows(cfg, rt, nll_fn, tokens, byte_counter, looped, ws, lo, hi, sum
             nll = nll_fn(x, y, looped).float()
         sums[0] += (nll.double() * mask).sum()
         sums[1] += mask.sum()
-        sums[2] += (byte_counter.count(x, y) * mask).sum()
+        sums[2] += (byte_counter.count(x, y, pos + 1) * mask).sum()
         if ledger is not None:
             ledger.record_scores(blo, bhi, version)
         if per_position is not None:
@@ -2520,12 +2577,25 @@ def prepare_data(cfg, rt, log):
         barrier(rt)
     sp = load_tokenizer(tok_path, cfg.vocab_size)
     log(f"tokenizer: {tok_path} vocab:{sp.get_piece_size()} sha256:{hashlib.sha256(Path(tok_path).read_bytes()).hexdigest()}")
-    byte_counter = ByteCounter(build_byte_tables(sp, cfg.vocab_size), rt.device)
     val_tokens = load_validation_tokens(val_glob, cfg.eval_seq_len).to(rt.device)  # copied once, reused
     n_val = val_tokens.numel() - 1
+    caseops = has_caseops_pieces(sp) if cfg.caseops == "auto" else cfg.caseops == "1"
+    log(f"val_docs: {int((val_tokens == BOS_ID).sum())}")
+    log(f"caseops: {int(caseops)} (CASEOPS={cfg.caseops})")
+    if caseops:
+        sidecar = load_validation_bytes(val_glob, cfg.eval_seq_len)
+        scored = int(sidecar[1:].sum())
+        log(f"bytes_sidecar: files:{len(val_token_files(val_glob))} scored_bytes:{scored} "
+            f"bytes_per_token:{scored / max(n_val, 1):.4f}")
+        byte_counter = SidecarByteCounter(sidecar, rt.device)
+    else:
+        if has_caseops_pieces(sp):
+            log("WARNING: CASEOPS=0 with a CaseOps tokenizer: BPB counts bytes of the transformed text")
+        byte_counter = ByteCounter(build_byte_tables(sp, cfg.vocab_size), rt.device)
     expected = cfg.expected_val_tokens
-    if expected < 0:
-        expected = PUBLISHED_VAL_TOKENS.get((cfg.vocab_size, cfg.eval_seq_len), 0) if cfg.preset == "record" else 0
+    if expected < 0:  # published counts are of the plain tokenizer's val split; none is known for CaseOps
+        known = cfg.preset == "record" and not caseops
+        expected = PUBLISHED_VAL_TOKENS.get((cfg.vocab_size, cfg.eval_seq_len), 0) if known else 0
     if expected and n_val != expected:
         raise ConfigError(f"validation set has {n_val} scored tokens but the expected count is {expected} "
                           f"(EXPECTED_VAL_TOKENS): wrong or partial val shards in {val_glob!r} "
@@ -2652,6 +2722,7 @@ def run(cfg, rt, log):
     train_files = [] if cfg.eval_only else resolve_files(train_glob, "train")
     log(f"train_shards: {len(train_files)}")
     log(f"val_tokens: {val_tokens.numel() - 1}")
+    report["caseops"] = isinstance(byte_counter, SidecarByteCounter)
     if cfg.eval_only:
         log(f"eval_only: scoring {cfg.eval_only}")
         run_evaluation(cfg, rt, cfg.eval_only, val_tokens, byte_counter, log, report)
