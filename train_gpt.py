@@ -1688,7 +1688,7 @@ def load_artifact_model(cfg, rt, path):
 
 
 # --- counted code: the self-extracting copy of this file -------------------------------------
-PACK_STUB_PREFIX = "import lzma as L,base64 as B\n"
+PACK_STUB_PREFIX = "import lzma as L,base64 as B,linecache as C\n"
 
 
 def strip_docstrings(source):
@@ -1706,12 +1706,17 @@ def strip_docstrings(source):
 
 
 def pack_source(source):
-    """Self-extracting stub (LZMA2 raw + base85) that executes `source` minus docstrings/comments."""
+    """Self-extracting stub (LZMA2 raw + base85) that executes `source` minus docstrings/comments.
+
+    The stub registers the decoded source in linecache under "<path>", so inspect.getsource (which
+    @triton.jit needs) and tracebacks see the real code.
+    """
     raw = strip_docstrings(source).encode("utf-8")
     packed = lzma.compress(raw, format=lzma.FORMAT_RAW,
                            filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
-    return (PACK_STUB_PREFIX + 'exec(L.decompress(B.b85decode("' + base64.b85encode(packed).decode()
-            + '"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n')
+    return (PACK_STUB_PREFIX + 's=L.decompress(B.b85decode("' + base64.b85encode(packed).decode()
+            + '"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]).decode();f="<"+__file__+">";'
+            + 'C.cache[f]=(len(s),None,s.splitlines(True),f);exec(compile(s,f,"exec"))\n')
 
 
 def code_bytes():
