@@ -1389,7 +1389,7 @@ def collect_hessians(cfg, rt, model, train_files, looped):
         names[f"blocks.{i}.mlp.proj.weight"] = f"{i}.mlp_out"
         hooks += [block.attn.c_q.register_forward_pre_hook(make_hook(f"{i}.attn_in")),
                   block.attn.proj.register_forward_pre_hook(make_hook(f"{i}.attn_out")),
-                  block.mlp.fc.register_forward_pre_hook(make_hook(f"{i}.mlp_in")),
+                  block.mlp.register_forward_pre_hook(make_hook(f"{i}.mlp_in")),  # = fc's input; fires fused too
                   block.mlp.proj.register_forward_pre_hook(make_hook(f"{i}.mlp_out"))]
     loader = TrainLoader(cfg, rt, train_files)
     model.eval()
