@@ -84,6 +84,8 @@ class Hyperparameters:
     loop_end: int = 5
     num_loops: int = 2
     enable_looping_at: float = 0.35
+    fused_ce: str = "off"  # softcapped CE: off | chunked (PyTorch, row chunks) | triton | auto
+    fused_mlp: str = "off"  # LeakyReLU^2 up-projection: off | triton | auto
     # batch and schedule
     train_seq_len: int = 2048
     train_batch_tokens: int = 786432
@@ -280,6 +282,9 @@ def validate_config(cfg, world_size):
     need(cfg.attention_backend in ("auto", "fa3", "fa2", "sdpa", "reference"),
          f"ATTENTION_BACKEND={cfg.attention_backend!r} must be auto, fa3, fa2, sdpa or reference")
     need(cfg.device in ("auto", "cpu", "cuda"), f"DEVICE={cfg.device!r} must be auto, cpu or cuda")
+    need(cfg.fused_ce in ("off", "chunked", "triton", "auto"),
+         f"FUSED_CE={cfg.fused_ce!r} must be off, chunked, triton or auto")
+    need(cfg.fused_mlp in ("off", "triton", "auto"), f"FUSED_MLP={cfg.fused_mlp!r} must be off, triton or auto")
     need(0.0 <= cfg.warmdown_frac <= 1.0, f"WARMDOWN_FRAC={cfg.warmdown_frac} must be in [0, 1]")
     need(cfg.max_wallclock_seconds == 0 or cfg.max_wallclock_seconds > cfg.gptq_reserve_seconds,
          f"MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds} must exceed GPTQ_RESERVE_SECONDS")
@@ -311,6 +316,12 @@ def data_paths(cfg):
 FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}
 _FLASH = {}  # backend name -> imported module providing flash_attn_func
 
+try:  # optional: the fused kernels of FUSED_CE/FUSED_MLP=triton (CPU runs them only under TRITON_INTERPRET=1)
+    import triton
+    import triton.language as tl
+except (ImportError, OSError, RuntimeError):
+    triton = tl = None
+
 
 @dataclass
 class Runtime:
@@ -324,6 +335,8 @@ class Runtime:
     embed_dtype: torch.dtype = torch.float32
     ns_dtype: torch.dtype = torch.float32
     attention_backend: str = "sdpa"
+    fused_ce: str = "off"
+    fused_mlp: str = "off"
     compile: bool = False
     fullgraph: bool = True
 
@@ -433,6 +446,18 @@ def resolve_attention_backend(requested, device):
     return "sdpa"
 
 
+def resolve_fused_kernel(var, requested, device, fallback):
+    """Resolve FUSED_CE/FUSED_MLP (`var`): auto is triton on CUDA when importable, else `fallback`."""
+    if requested == "auto":
+        return "triton" if device.type == "cuda" and triton is not None else fallback
+    if requested == "triton" and triton is None:
+        raise ConfigError(f"{var}=triton but triton is not importable; pip install triton or set {var}={fallback}")
+    if requested == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"{var}=triton on a CPU device needs TRITON_INTERPRET=1 in the environment (slow "
+                          f"interpreter, for tests); on CPU use {var}={fallback}")
+    return requested
+
+
 def setup_runtime(cfg):
     """Initialise the process group (NCCL on CUDA, gloo on CPU) and return the Runtime for this rank."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -459,6 +484,8 @@ def setup_runtime(cfg):
         # bf16 matmuls (autocast), bf16 embedding and residual stream, bf16 Newton-Schulz, as the record
         rt.compute_dtype = rt.embed_dtype = rt.ns_dtype = torch.bfloat16
     rt.attention_backend = resolve_attention_backend(cfg.attention_backend, device)
+    rt.fused_ce = resolve_fused_kernel("FUSED_CE", cfg.fused_ce, device, "chunked")
+    rt.fused_mlp = resolve_fused_kernel("FUSED_MLP", cfg.fused_mlp, device, "off")
     if want_cuda and cfg.preset == "record" and cfg.attention_backend == "auto" and rt.attention_backend != "fa3":
         raise ConfigError(f"PRESET=record needs FlashAttention-3 (flash_attn_interface, Hopper) for record step "
                           f"times, but would run {rt.attention_backend}; install FA3 or set ATTENTION_BACKEND="
@@ -977,27 +1004,215 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.reshape(B, T, -1))
 
 
-class MLP(nn.Module):
-    """LeakyReLU(0.5)^2 feed-forward: D -> mlp_mult*D -> D."""
+# --- fused kernels: softcapped cross-entropy and the LeakyReLU(0.5)^2 up-projection ----------------
+# Each has a plain PyTorch path computing the same function; the runtime resolves FUSED_CE/FUSED_MLP.
 
-    def __init__(self, cfg):
+CE_CHUNK_ELEMS = 2**22  # the chunked CE holds at most this many fp32 logits (x a few temporaries) at once
+CE_BLOCK_V = 4096  # vocab tile of the Triton CE kernels
+
+
+def softcap(logits, cap):
+    """cap * tanh(logits / cap), elementwise; shape and dtype unchanged."""
+    return cap * torch.tanh(logits / cap)
+
+
+def softcapped_ce_reference(z, targets, cap):
+    """Plain path: raw logits z (N,V) any float dtype, targets (N,) int64 -> fp32 NLL (N,) of CE(softcap(z))."""
+    return F.cross_entropy(softcap(z.float(), cap), targets, reduction="none")
+
+
+class ChunkedSoftcappedCE(torch.autograd.Function):
+    """Softcapped CE in fp32 row chunks: z (N,V), targets (N,) int64 -> fp32 NLL (N,); saves z and fp32 lse."""
+
+    @staticmethod
+    def forward(ctx, z, targets, cap, chunk_rows):
+        """Per-chunk log-sum-exp; never materialises more than chunk_rows x V fp32 values."""
+        lse = torch.empty(z.size(0), dtype=torch.float32, device=z.device)
+        nll = torch.empty_like(lse)
+        for i in range(0, z.size(0), chunk_rows):
+            rows = slice(i, i + chunk_rows)
+            s = softcap(z[rows].float(), cap)
+            lse[rows] = torch.logsumexp(s, dim=1)
+            nll[rows] = lse[rows] - s.gather(1, targets[rows, None]).squeeze(1)
+        ctx.save_for_backward(z, targets, lse)
+        ctx.cap, ctx.chunk_rows = cap, chunk_rows
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad):
+        """dz = g * (softmax(s) - onehot(target)) * (1 - tanh(z/c)^2), in z's dtype."""
+        z, targets, lse = ctx.saved_tensors
+        dz = torch.empty_like(z)
+        for i in range(0, z.size(0), ctx.chunk_rows):
+            rows = slice(i, i + ctx.chunk_rows)
+            t = torch.tanh(z[rows].float() / ctx.cap)
+            p = torch.exp(ctx.cap * t - lse[rows, None])
+            p.scatter_add_(1, targets[rows, None], torch.full_like(p[:, :1], -1.0))
+            dz[rows] = (grad[rows, None] * p * (1 - t * t)).to(z.dtype)
+        return dz, None, None, None
+
+
+class TritonSoftcappedCE(torch.autograd.Function):
+    """Triton softcapped CE: z (N,V) fp32/bf16/fp16, targets (N,) int64 in [0,V) -> fp32 NLL (N,); saves z, lse."""
+
+    @staticmethod
+    def forward(ctx, z, targets, cap):
+        """One program per row streams the vocab in CE_BLOCK_V tiles."""
+        z, targets = z.contiguous(), targets.contiguous()
+        nll = torch.empty(z.size(0), dtype=torch.float32, device=z.device)
+        lse = torch.empty_like(nll)
+        ctx.block = min(CE_BLOCK_V, triton.next_power_of_2(z.size(1)))
+        _softcapped_ce_fwd_kernel[(z.size(0),)](z, targets, nll, lse, z.size(1), z.stride(0), cap,
+                                                BLOCK_V=ctx.block, num_warps=8)
+        ctx.save_for_backward(z, targets, lse)
+        ctx.cap = cap
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad):
+        """dz in z's dtype, written tile by tile from z, lse and the target."""
+        z, targets, lse = ctx.saved_tensors
+        dz = torch.empty_like(z)
+        _softcapped_ce_bwd_kernel[(z.size(0),)](z, targets, lse, grad.float().contiguous(), dz, z.size(1),
+                                                z.stride(0), dz.stride(0), ctx.cap, BLOCK_V=ctx.block, num_warps=8)
+        return dz, None, None
+
+
+def softcapped_nll(z, targets, cap, impl):
+    """Dispatch per-token fp32 NLL (N,) of CE(softcap(z)) for raw logits z (N,V); impl: off, chunked or triton."""
+    if impl == "triton":
+        return TritonSoftcappedCE.apply(z, targets, cap)
+    if impl == "chunked":
+        return ChunkedSoftcappedCE.apply(z, targets, cap, max(1, CE_CHUNK_ELEMS // z.size(1)))
+    return softcapped_ce_reference(z, targets, cap)
+
+
+class FusedLeakyReluSquare(torch.autograd.Function):
+    """act = leaky_relu(x @ w^T, 0.5)^2 in one Triton matmul: x (M,K), w (N,K) same dtype -> (M,N) in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        """Writes act and the pre-activation u (saved for backward) in one pass."""
+        x, w = x.contiguous(), w.contiguous()
+        (M, K), N = x.shape, w.size(0)
+        act = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        u = torch.empty_like(act)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))
+        _leaky_relu_sq_matmul_kernel[grid](x, w, act, u, M, N, K, x.stride(0), x.stride(1), w.stride(0),
+                                           w.stride(1), act.stride(0), act.stride(1))
+        ctx.save_for_backward(x, w, u)
+        return act
+
+    @staticmethod
+    def backward(ctx, grad):
+        """du = g * 2 * leaky(u) * (1 if u > 0 else 0.5); dx = du @ w, dw = du^T @ x (torch matmuls)."""
+        x, w, u = ctx.saved_tensors
+        du = grad * torch.where(u > 0, 2.0 * u, 0.5 * u)
+        return du @ w, du.t() @ x
+
+
+def leaky_relu_sq_up(fc, x, impl):
+    """Dispatch leaky_relu(fc(x), 0.5)^2 for x (..., K) and CastedLinear fc (N,K) -> (..., N); impl: off or triton."""
+    if impl != "triton":
+        return F.leaky_relu(fc(x), negative_slope=0.5).square()
+    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    act = FusedLeakyReluSquare.apply(x.reshape(-1, x.size(-1)).to(dt), fc.weight.to(dt))
+    return act.view(*x.shape[:-1], act.size(-1))
+
+
+if triton is not None:
+    @triton.jit
+    def _tanh(x):
+        """fp32 tanh from exp (no libdevice call, so the interpreter runs it too); saturates to +-1 without NaN."""
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -t, t)
+
+    @triton.jit
+    def _softcapped_ce_fwd_kernel(z_ptr, tgt_ptr, nll_ptr, lse_ptr, V, stride_z, cap, BLOCK_V: tl.constexpr):
+        """Row program: online log-sum-exp of s = cap*tanh(z/cap) over vocab tiles (fp32); writes NLL and lse."""
+        row = tl.program_id(0).to(tl.int64)
+        z_row = z_ptr + row * stride_z
+        m = tl.full([BLOCK_V], -1e30, tl.float32)  # per-lane running max; finite so masked lanes give no NaN
+        acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane sum of exp(s - m)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            s = tl.where(cols < V, cap * _tanh(z / cap), float("-inf"))
+            m_new = tl.maximum(m, s)
+            acc = acc * tl.exp(m - m_new) + tl.exp(s - m_new)
+            m = m_new
+        row_max = tl.max(m, axis=0)
+        lse = row_max + tl.log(tl.sum(acc * tl.exp(m - row_max), axis=0))
+        s_target = cap * _tanh(tl.load(z_row + tl.load(tgt_ptr + row)).to(tl.float32) / cap)
+        tl.store(lse_ptr + row, lse)
+        tl.store(nll_ptr + row, lse - s_target)
+
+    @triton.jit
+    def _softcapped_ce_bwd_kernel(z_ptr, tgt_ptr, lse_ptr, g_ptr, dz_ptr, V, stride_z, stride_dz, cap,
+                                  BLOCK_V: tl.constexpr):
+        """Row program: dz = g * (exp(s - lse) - onehot) * (1 - tanh(z/cap)^2), stored in dz's dtype."""
+        row = tl.program_id(0).to(tl.int64)
+        target, lse, g = tl.load(tgt_ptr + row), tl.load(lse_ptr + row), tl.load(g_ptr + row)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            t = _tanh(tl.load(z_ptr + row * stride_z + cols, mask=cols < V, other=0.0).to(tl.float32) / cap)
+            p = tl.exp(cap * t - lse) - tl.where(cols == target, 1.0, 0.0)
+            tl.store(dz_ptr + row * stride_dz + cols, (g * p * (1.0 - t * t)).to(dz_ptr.dtype.element_ty),
+                     mask=cols < V)
+
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for H100 bf16, autotuned per (M, N, K); one small tile when
+    # interpreted. w (N x K, 2 MB at 2048 x 512) stays in L2; the N-fastest grid reads each x row tile ~once.
+    MLP_TILES = ([(32, 32, 32, 4, 1)] if os.environ.get("TRITON_INTERPRET") == "1" else
+                 [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 32, 4, 4),
+                  (64, 128, 64, 4, 4)])
+
+    @triton.autotune(configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
+                              for bm, bn, bk, w, st in MLP_TILES], key=["M", "N", "K"])
+    @triton.jit
+    def _leaky_relu_sq_matmul_kernel(x_ptr, w_ptr, act_ptr, u_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
+                                     stride_wk, stride_om, stride_on, BLOCK_M: tl.constexpr,
+                                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Tile program (grid N-tiles x M-tiles): u = x @ w^T, fp32 accumulate; stores u and leaky(u, 0.5)^2."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                        mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            b = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
+                        mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)
+            acc = tl.dot(a, b, acc)
+        leaky = tl.where(acc > 0, acc, 0.5 * acc)
+        out = rm[:, None] * stride_om + rn[None, :] * stride_on
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(u_ptr + out, acc.to(u_ptr.dtype.element_ty), mask=mask)
+        tl.store(act_ptr + out, (leaky * leaky).to(act_ptr.dtype.element_ty), mask=mask)
+
+
+class MLP(nn.Module):
+    """LeakyReLU(0.5)^2 feed-forward: D -> mlp_mult*D -> D; `fused` is the resolved FUSED_MLP."""
+
+    def __init__(self, cfg, fused="off"):
         super().__init__()
         hidden = int(cfg.mlp_mult * cfg.model_dim)
         self.fc = CastedLinear(cfg.model_dim, hidden)
         self.proj = CastedLinear(hidden, cfg.model_dim)
+        self.fused = fused
 
     def forward(self, x):
         """x (B,T,D) -> (B,T,D)."""
-        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
+        return self.proj(leaky_relu_sq_up(self.fc, x, self.fused))
 
 
 class Block(nn.Module):
     """One transformer layer with resid_mix against x0, layerwise LN scale and optional parallel residual."""
 
-    def __init__(self, cfg, layer_idx, backend):
+    def __init__(self, cfg, layer_idx, backend, fused_mlp="off"):
         super().__init__()
         self.attn = CausalSelfAttention(cfg, layer_idx, backend)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, fused_mlp)
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
@@ -1032,11 +1247,12 @@ def layer_layout(cfg, looped):
 class GPT(nn.Module):
     """The record's GPT; forward(ids, targets, looped) -> mean CE, token_nll -> per-token NLL."""
 
-    def __init__(self, cfg, backend="sdpa"):
+    def __init__(self, cfg, backend="sdpa", fused_ce="off", fused_mlp="off"):
         super().__init__()
         self.cfg = cfg
+        self.fused_ce = fused_ce
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.blocks = nn.ModuleList(Block(cfg, i, backend) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i, backend, fused_mlp) for i in range(cfg.num_layers))
         enc, dec = layer_layout(cfg, looped=cfg.num_loops > 0)
         self.num_skips = min(len(enc), len(dec))
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
@@ -1077,17 +1293,20 @@ class GPT(nn.Module):
             x = self.blocks[i](x, x0, cos, sin)
         return rms_norm(x)
 
-    def logits(self, ids, looped=False):
-        """ids (B,T) -> softcapped fp32 logits (B,T,V) through the tied embedding."""
+    def raw_logits(self, ids, looped=False):
+        """ids (B,T) -> pre-softcap logits (B,T,V) through the tied embedding, in the matmul dtype."""
         h = self.hidden(ids, looped)
-        logits = F.linear(h, self.tok_emb.weight.to(h.dtype)).float()
-        c = self.cfg.logit_softcap
-        return c * torch.tanh(logits / c)
+        return F.linear(h, self.tok_emb.weight.to(h.dtype))
+
+    def logits(self, ids, looped=False):
+        """ids (B,T) -> softcapped fp32 logits (B,T,V)."""
+        return softcap(self.raw_logits(ids, looped).float(), self.cfg.logit_softcap)
 
     def token_nll(self, ids, targets, looped=False):
-        """Per-position NLL in nats (B,T) fp32."""
-        logits = self.logits(ids, looped)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+        """Per-position NLL in nats (B,T) fp32, via the resolved FUSED_CE kernel."""
+        z = self.raw_logits(ids, looped)
+        nll = softcapped_nll(z.flatten(0, 1), targets.flatten(), self.cfg.logit_softcap, self.fused_ce)
+        return nll.view(targets.shape)
 
     def forward(self, ids, targets, looped=False):
         """Mean cross-entropy in nats (scalar fp32)."""
@@ -1097,7 +1316,7 @@ class GPT(nn.Module):
 def build_model(cfg, rt):
     """Build the GPT on CPU with seed SEED (device-independent init), then move it to the runtime device."""
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg, rt.attention_backend)
+    model = GPT(cfg, rt.attention_backend, rt.fused_ce, rt.fused_mlp)
     model.to(rt.device)
     model.tok_emb.weight.data = model.tok_emb.weight.data.to(rt.embed_dtype)
     model.stream_dtype = rt.compute_dtype
@@ -1629,7 +1848,7 @@ def collect_hessians(rt, model, batches, looped):
         names[f"blocks.{i}.mlp.proj.weight"] = f"{i}.mlp_out"
         hooks += [block.attn.c_q.register_forward_pre_hook(make_hook(f"{i}.attn_in")),
                   block.attn.proj.register_forward_pre_hook(make_hook(f"{i}.attn_out")),
-                  block.mlp.fc.register_forward_pre_hook(make_hook(f"{i}.mlp_in")),
+                  block.mlp.register_forward_pre_hook(make_hook(f"{i}.mlp_in")),  # = fc's input; fires fused too
                   block.mlp.proj.register_forward_pre_hook(make_hook(f"{i}.mlp_out"))]
     model.eval()
     try:
@@ -2106,7 +2325,7 @@ def load_artifact_model(cfg, rt, path):
 
 
 # --- counted code: the self-extracting copy of this file -------------------------------------
-PACK_STUB_PREFIX = "import lzma as L,base64 as B\n"
+PACK_STUB_PREFIX = "import lzma as L,base64 as B,linecache as C\n"
 
 
 def strip_docstrings(source):
@@ -2124,12 +2343,17 @@ def strip_docstrings(source):
 
 
 def pack_source(source):
-    """Self-extracting stub (LZMA2 raw + base85) that executes `source` minus docstrings/comments."""
+    """Self-extracting stub (LZMA2 raw + base85) that executes `source` minus docstrings/comments.
+
+    The stub registers the decoded source in linecache under "<path>", so inspect.getsource (which
+    @triton.jit needs) and tracebacks see the real code.
+    """
     raw = strip_docstrings(source).encode("utf-8")
     packed = lzma.compress(raw, format=lzma.FORMAT_RAW,
                            filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
-    return (PACK_STUB_PREFIX + 'exec(L.decompress(B.b85decode("' + base64.b85encode(packed).decode()
-            + '"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n')
+    return (PACK_STUB_PREFIX + 's=L.decompress(B.b85decode("' + base64.b85encode(packed).decode()
+            + '"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]).decode();f="<"+__file__+">";'
+            + 'C.cache[f]=(len(s),None,s.splitlines(True),f);exec(compile(s,f,"exec"))\n')
 
 
 def code_bytes():
@@ -2494,6 +2718,7 @@ def log_header(cfg, rt, log, train_glob, val_glob, tok_path):
                    logfile=str(log.path), world_size=rt.world_size, rank=rt.rank, local_rank=rt.local_rank,
                    distributed=rt.distributed, grad_accum_steps=cfg.grad_accum_base // rt.world_size,
                    device=str(rt.device), attention_backend_resolved=rt.attention_backend,
+                   fused_ce_resolved=rt.fused_ce, fused_mlp_resolved=rt.fused_mlp,
                    compile_resolved=rt.compile, compute_dtype=str(rt.compute_dtype).replace("torch.", ""))
     for k in sorted(derived):
         log(f"  {k}: {derived[k]}")
@@ -2505,8 +2730,8 @@ def log_header(cfg, rt, log, train_glob, val_glob, tok_path):
     log(f"source: {Path(__file__).name} sha256:{hashlib.sha256(src).hexdigest()}")
     nccl = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL"))}
     log(f"device:{rt.device} dtype:{str(rt.compute_dtype).replace('torch.', '')} attention:{rt.attention_backend} "
-        f"compile:{rt.compile} fullgraph:{rt.fullgraph} world_size:{rt.world_size} "
-        f"dist_timeout:{cfg.dist_timeout_seconds:g}s nccl_env:{json.dumps(nccl)}")
+        f"fused_ce:{rt.fused_ce} fused_mlp:{rt.fused_mlp} compile:{rt.compile} fullgraph:{rt.fullgraph} "
+        f"world_size:{rt.world_size} dist_timeout:{cfg.dist_timeout_seconds:g}s nccl_env:{json.dumps(nccl)}")
     if rt.compile and not rt.fullgraph:
         log(f"WARNING: {rt.attention_backend} is not traceable by torch.compile in this install; compiling with "
             f"graph breaks around attention (slower); a wheel registering torch.ops.flash_attn_3 avoids this")
