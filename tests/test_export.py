@@ -2,6 +2,7 @@
 byte shuffling, hostile files, byte accounting and the self-extracting packed copy (RECORD_STACK §1.1, §7)."""
 import ast
 import base64
+import brotli
 import dataclasses
 import hashlib
 import json
@@ -418,13 +419,13 @@ def test_code_bytes_and_pack_command_agree(packed_script):
     assert n == len(tg.pack_source(ph.SCRIPT.read_text(encoding="utf-8")).encode("utf-8")) == printed
     assert "pack" in desc
     assert n < len(source.encode("utf-8")) / 2
-    # The stub is two lines and decodes to the docstring-free source, which parses to the same program.
+    # The stub is two lines and decodes to the minified source: the same program up to local names,
+    # without docstrings or comments, and with the dev-only functions reduced to a stub that says so.
     lines = packed_text.splitlines()
     assert len(lines) == 2 and packed_text.startswith(tg.PACK_STUB_PREFIX)
     blob = re.search(r'b85decode\("([^"]+)"\)', lines[1]).group(1)
-    inner = lzma.decompress(base64.b85decode(blob), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
-    inner = inner.decode("utf-8")
-    tree, src_tree = ast.parse(inner), ast.parse(source)
+    inner = brotli.decompress(base64.b85decode(blob)).decode("utf-8")
+    tree, src_tree = ast.parse(inner), ast.parse(tg.strip_docstrings(source))
     top = lambda t: [(type(n).__name__, getattr(n, "name", None)) for n in t.body
                      if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
     assert top(tree) == top(src_tree)
@@ -432,6 +433,40 @@ def test_code_bytes_and_pack_command_agree(packed_script):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             assert ast.get_docstring(node) is None
     assert not any(line.lstrip().startswith("#") for line in inner.splitlines())
+
+    def masked(t):
+        """ast.dump with every Name/arg/except/nonlocal identifier replaced, dev-only bodies dropped."""
+        t.body = [n for n in t.body if getattr(n, "name", None) not in tg.PACK_OMIT]
+        for n in ast.walk(t):
+            if isinstance(n, ast.Name):
+                n.id = "_"
+            elif isinstance(n, ast.arg):
+                n.arg = "_"
+            elif isinstance(n, ast.ExceptHandler) and n.name:
+                n.name = "_"
+            elif isinstance(n, ast.Nonlocal):
+                n.names = ["_"] * len(n.names)
+        return ast.dump(t)
+
+    omitted = [ast.unparse(n) for n in tree.body if getattr(n, "name", None) in tg.PACK_OMIT]
+    assert len(omitted) == len(tg.PACK_OMIT) and all("not part of the packed copy" in n for n in omitted)
+    assert masked(tree) == masked(src_tree)
+
+
+def test_renaming_changes_no_keyword_parameter_and_keeps_scopes_apart():
+    """Parameters used as keywords anywhere, keyword-only parameters and triton kernels keep their names;
+    a name bound again in a nested scope is left alone in both scopes."""
+    src = ("def f(alpha, beta, *, gamma=1):\n    total = alpha + beta + gamma\n"
+           "    inner = [total for total in range(3)]\n    return total, inner\n"
+           "def g():\n    return f(1, beta=2)\n"
+           "@triton.jit\ndef k(x_ptr, BLOCK: tl.constexpr):\n    value = x_ptr\n")
+    out = tg.minify_source(src)
+    assert "beta" in out and "gamma" in out and "alpha" not in out
+    assert "total" in out  # bound in the comprehension too: never renamed
+    assert "x_ptr" in out and "value" in out and "BLOCK" in out
+    ns = {"ConfigError": ValueError}
+    exec(compile(out.split("@triton.jit")[0], "m", "exec"), ns)
+    assert ns["g"]() == (4, [0, 1, 2])
 
 
 @pytest.fixture(scope="session")
@@ -625,3 +660,17 @@ def test_a_diverging_run_stops_early_with_one_clear_line(tmp_path, tmp_path_fact
     assert "GPTQ:collecting" not in log  # nothing after the loop ran
     summary = json.loads((tmp_path / "diverge.summary.json").read_text())
     assert summary["status"] == "diverged" and f"step {step}" in summary["error"]
+
+
+def test_packed_copy_builds_the_record_model_like_the_source(tmp_path, packed_script):
+    """DRY_RUN=1 with the record preset: the packed copy builds the same 35,944,536-parameter model and the
+    same preflight estimate as the source, and counts its own file as the code bytes."""
+    out, printed, _ = packed_script
+    logs = {}
+    for name, script in (("src", ph.SCRIPT), ("packed", out)):
+        ph.run_script(script, {"DRY_RUN": "1", "RUN_ID": name, "LOG_DIR": tmp_path}, cwd=tmp_path)
+        logs[name] = (tmp_path / f"{name}.txt").read_text()
+    for key in (r"^model_params:(\d+)$", r"^preflight:predicted artifact total ~(\d+) bytes"):
+        a, b = (re.search(key, logs[n], re.M).group(1) for n in ("src", "packed"))
+        assert a == b, key
+    assert re.search(r"^model_params:35944536$", logs["packed"], re.M)
