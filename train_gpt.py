@@ -3149,6 +3149,10 @@ def run(cfg, rt, log):
     train_files = [] if cfg.eval_only else resolve_files(train_glob, "train")
     log(f"train_shards: {len(train_files)}")
     log(f"val_tokens: {val_tokens.numel() - 1}")
+    report["fingerprint"] = {"tokenizer_sha256": hashlib.sha256(Path(tok_path).read_bytes()).hexdigest(),
+                             "vocab_size": cfg.vocab_size, "val_tokens": val_tokens.numel() - 1,
+                             "train_shards": len(train_files), "val_files": val_glob,
+                             "bytes_sidecar": isinstance(byte_counter, SidecarByteCounter)}
     report["caseops"] = isinstance(byte_counter, SidecarByteCounter)
     if cfg.eval_only:
         log(f"eval_only: scoring {cfg.eval_only}")

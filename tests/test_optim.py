@@ -433,3 +433,36 @@ def test_ttt_sgd_step_uses_mean_cross_entropy(cpu_runtime):
     assert version == 1 and ledger.updates == [(1, c1 - 1)]  # trained on positions up to the chunk's last
     for b, p, r in zip(before, model.parameters(), ref.parameters()):
         torch.testing.assert_close((b - p.detach()) / lr, r.grad, rtol=1e-3, atol=2e-6)
+
+
+def test_gptq_reserve_is_measured_projected_and_logged(monkeypatch, cpu_runtime):
+    """GPTQ_RESERVE_SECONDS=-1: one synthetic calibration batch is timed (twice, the faster kept), projected to
+    GPTQ_CALIBRATION_BATCHES and multiplied; an explicit value or no wallclock cap is taken as given."""
+    cfg = tiny_config(max_wallclock_seconds=600.0, gptq_reserve_seconds=-1.0, gptq_calibration_batches=7,
+                      gptq_reserve_multiple=2.0)
+    model = tg.build_model(cfg, cpu_runtime)
+    clock = iter([0.0, 0.9, 1.0, 1.5, 5.0])  # two timed collections: 0.9 s, then 0.5 s
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: next(clock))
+    calls = []
+    monkeypatch.setattr(tg, "collect_hessians", lambda rt, m, batches, looped: calls.append(
+        [x.shape for b in batches for x, _ in b]))
+    lines = []
+    reserve, projected = tg.resolve_gptq_reserve(cfg, cpu_runtime, model, lines.append)
+    assert projected == pytest.approx(0.5 * 7) and reserve == pytest.approx(2.0 * 3.5 + tg.RESERVE_SLACK_SECONDS)
+    seqs = cfg.train_batch_tokens // cfg.train_seq_len // cfg.grad_accum_base
+    assert calls == [[(seqs, cfg.train_seq_len)] * cfg.grad_accum_base] * 2  # one real-shaped batch, twice
+    assert "0.500s per batch x 7 = 3.50s projected" in lines[0]
+    assert tg.resolve_gptq_reserve(tiny_config(gptq_reserve_seconds=3.0), cpu_runtime, model, print) == (3.0, None)
+    assert tg.resolve_gptq_reserve(tiny_config(max_wallclock_seconds=0.0, gptq_reserve_seconds=-1.0),
+                                   cpu_runtime, model, print) == (0.0, None)
+    clock = iter([0.0, 400.0, 0.0, 400.0])
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: next(clock))
+    with pytest.raises(tg.ConfigError, match="GPTQ_CALIBRATION_BATCHES"):
+        tg.resolve_gptq_reserve(cfg, cpu_runtime, model, print)
+
+
+def test_gptq_reserve_measurement_on_a_real_model_is_positive(cpu_runtime):
+    """Unpatched: the measured reserve is a positive number of seconds below the cap."""
+    cfg = tiny_config(max_wallclock_seconds=600.0, gptq_reserve_seconds=-1.0)
+    reserve, projected = tg.resolve_gptq_reserve(cfg, cpu_runtime, tg.build_model(cfg, cpu_runtime), print)
+    assert 0 < projected and tg.RESERVE_SLACK_SECONDS < reserve < 600
