@@ -3197,6 +3197,42 @@ def pack_command(argv):
     print(f"wrote {out}: {len(packed.encode('utf-8'))} bytes (source {Path(__file__).stat().st_size} bytes)")
 
 
+def run_and_report(cfg, rt, log):
+    """Run the pipeline; return the exit code (0 ok, 2 bad input/fit, 3 diverged, 1 crash), errors logged."""
+    try:
+        run(cfg, rt, log)
+        return 0
+    except (ConfigError, ArtifactError, SizeFitError) as e:
+        log(f"error: {e}")
+        print(f"[rank {rt.rank}] error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingDiverged:  # already logged on rank 0 with step, last finite loss and LR
+        return 3
+    except Exception:
+        log("error: unhandled exception\n" + traceback.format_exc())
+        print(f"[rank {rt.rank}] " + traceback.format_exc(), file=sys.stderr, flush=True)
+        return 1
+
+
+def shutdown(rt, code):
+    """End the process with `code`. Across ranks: barrier (after success) so no rank tears the group down
+    while another still communicates, destroy the process group, flush, then os._exit, which skips the C++
+    static destructors whose joinable background threads abort a finished run ('terminate called without an
+    active exception')."""
+    if not rt.distributed:
+        return code
+    if dist.is_initialized():
+        try:
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+        except Exception as e:
+            print(f"[rank {rt.rank}] process group teardown: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv=None):
     """Entry point: `pack` subcommand, or a full run configured by env vars (see README)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -3209,26 +3245,7 @@ def main(argv=None):
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
-    log = Logger(cfg, rt)
-    try:
-        run(cfg, rt, log)
-    except (ConfigError, ArtifactError, SizeFitError) as e:
-        log(f"error: {e}")
-        print(f"[rank {rt.rank}] error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except TrainingDiverged:  # already logged on rank 0 with step, last finite loss and LR
-        return 3
-    except BaseException:
-        log("error: unhandled exception\n" + traceback.format_exc())
-        print(f"[rank {rt.rank}] " + traceback.format_exc(), file=sys.stderr, flush=True)
-        raise
-    finally:
-        if rt.distributed and dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
-    return 0
+    return shutdown(rt, run_and_report(cfg, rt, Logger(cfg, rt)))
 
 
 if __name__ == "__main__":

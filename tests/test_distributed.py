@@ -89,3 +89,18 @@ def test_rank_failure_stops_launcher_quickly(tmp_path):
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stdout + proc.stderr
     assert elapsed < 60, elapsed
+
+
+def test_successful_two_rank_runs_always_exit_zero(smoke_data_dir, tmp_path):
+    """A finished 2-rank run exits 0 on every rank, every time (it once aborted in teardown with 'terminate
+    called without an active exception'): three back-to-back runs, each must finish, write its summary and
+    leave no abort message."""
+    env = dict(TINY_RUN, DATA_DIR=smoke_data_dir, ITERATIONS=4, TTT_ENABLED=0, SLIDING_WINDOW_ENABLED=0)
+    for i in range(3):
+        run_dir = tmp_path / f"r{i}"
+        run_dir.mkdir()
+        proc = run_script(dict(env, RUN_ID=f"exit{i}", ARTIFACT_PATH=run_dir / "m.ptz"), run_dir, nproc=2)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-3000:]
+        assert "terminate called" not in out and "SIGABRT" not in out and "FAILED" not in out
+        assert summary(run_dir, f"exit{i}")["results"]["quantized"]["val_bpb"] > 0
