@@ -121,6 +121,7 @@ class Hyperparameters:
     # evaluation
     val_loss_every: int = 4000
     train_log_every: int = 500
+    progress_seconds: float = 15.0  # console-only progress of long stages (0: every update)
     eval_seq_len: int = 2048
     eval_stride: int = 64
     eval_batch_seqs: int = 32
@@ -314,6 +315,7 @@ def data_paths(cfg):
 # =============================================================================================
 
 FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per device
 _FLASH = {}  # backend name -> imported module providing flash_attn_func
 
 try:  # optional: the fused kernels of FUSED_CE/FUSED_MLP=triton (CPU runs them only under TRITON_INTERPRET=1)
@@ -365,6 +367,13 @@ class Runtime:
         """Wait for queued device work (used only at timer boundaries)."""
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
+
+    def peak_flops(self):
+        """Dense bf16 peak FLOP/s of one device for MFU (H100 SXM 989e12, A100 312e12), or None if unknown."""
+        if not self.is_cuda:
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
     def peak_memory_mib(self):
         """(allocated, reserved) peak device memory in MiB; zeros on CPU."""
@@ -535,6 +544,34 @@ def max_over_ranks(value, rt):
 def any_rank(flag, rt):
     """True if `flag` is true on any rank."""
     return max_over_ranks(float(flag), rt) > 0
+
+
+class Progress:
+    """Console-only progress of a long stage (done/total, ETA), at most every `every` seconds; never written
+    to the log file. Silent unless Progress.enabled (the main rank's Logger turns it on)."""
+
+    enabled, every = False, 15.0  # set from the main rank's Logger and PROGRESS_SECONDS
+
+    def __init__(self, stage, total):
+        self.stage, self.total = stage, max(int(total), 1)
+        self.t0 = self.last = time.perf_counter()
+
+    @staticmethod
+    def note(line):
+        """One console-only line (main rank)."""
+        if Progress.enabled:
+            print(f"[progress] {line}", flush=True)
+
+    def update(self, done):
+        """Report `done` of total units if the cadence allows (always at the end of a long stage)."""
+        now = time.perf_counter()
+        if not Progress.enabled or (now - self.last < Progress.every and not (done >= self.total
+                                                                          and now - self.t0 > Progress.every)):
+            return
+        self.last = now
+        eta = (now - self.t0) / max(done, 1) * (self.total - done)
+        print(f"[progress] {self.stage}: {done}/{self.total} ({100 * done / self.total:.0f}%) "
+              f"elapsed {now - self.t0:.0f}s eta {eta:.0f}s", flush=True)
 
 
 def compiled_graph_count():
@@ -1323,6 +1360,24 @@ def build_model(cfg, rt):
     return model
 
 
+def flops_per_token(model, looped, seq_len):
+    """Training FLOPs per token (forward + backward = 3 x forward) of the model as configured.
+
+    Forward: 2 FLOPs per weight of every matrix a token passes through (each block's 2-D weights once per
+    visit of that layer in the virtual depth, the tied LM head once; the embedding lookup is free), plus
+    attention's QK^T and PV, 2 x 2 x heads x head_dim per context position, with causal masking counted at
+    the average context seq_len/2. Elementwise work (norms, RoPE, XSA, activations, gate sigmoids) is not
+    counted. Returns {"matmul", "attention", "total"} in FLOPs per token."""
+    encoder, decoder = model.layouts[bool(looped)]
+    weights, attention = model.tok_emb.weight.numel(), 0.0
+    for i in encoder + decoder:
+        block = model.blocks[i]
+        weights += sum(p.numel() for n, p in block.named_parameters()
+                       if p.ndim == 2 and not any(c in n for c in CONTROL_PATTERNS))
+        attention += 2 * 2 * block.attn.num_heads * block.attn.head_dim * seq_len / 2
+    return {"matmul": 3 * 2 * weights, "attention": 3 * attention, "total": 3 * (2 * weights + attention)}
+
+
 # =============================================================================================
 # OPTIMIZERS: Muon (row-normalised, round-robin sharded) for block matrices, AdamW for the rest
 # =============================================================================================
@@ -1737,6 +1792,8 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
     looped, stop_at, step = False, None, 0
     lr_at, last_finite, step_ms = {}, (None, None), 0.0
     batch = loader.next_batch()
+    fpt = {lp: flops_per_token(model, lp, cfg.train_seq_len)["total"] for lp in (False, True)}
+    peak, window, total_flops = rt.peak_flops(), (0, 0.0), 0.0
     stats = {"loop_enabled_step": None, "train_losses": [], "curve": [], "val_curve": [],
              "gptq_reserve_seconds": reserve, "calibration_projected_seconds": projected, "nll_fn": trainer.nll_fn}
 
@@ -1790,6 +1847,7 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
         loss_share = trainer.step(batch, step, lr_mul, looped)
         batch = loader.next_batch()  # host-side work overlaps the queued device step
         step += 1
+        total_flops += fpt[looped] * cfg.train_batch_tokens
         lr_at[step] = (lr_mul, looped)
         averager.update(step, frac)
         step_ms = 0.9 * step_ms + 0.1 * (clock.ms() - t_step) if step > 1 else clock.ms() - t_step
@@ -1806,6 +1864,12 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
                     f"settings or no FA3)")
             log(f"{step}/{cfg.iterations} train_loss: {loss_value:.4f} train_time: {elapsed / 60000:.1f}m "
                 f"tok/s: {tok_s:.0f}")
+            win_tok_s = (step - window[0]) * cfg.train_batch_tokens / max((elapsed - window[1]) / 1000.0, 1e-9)
+            tflops = fpt[looped] * win_tok_s / rt.world_size / 1e12
+            mfu = f" mfu:{100 * tflops * 1e12 / peak:.1f}% of {peak / 1e12:.0f}" if peak else ""
+            log(f"perf: step:{step} window_tok/s:{win_tok_s:.0f} flops/token:{fpt[looped] / 1e6:.1f}M "
+                f"tflops/device:{tflops:.2f}{mfu}")
+            window = (step, elapsed)
     clock.pause()
     alloc, reserved = rt.peak_memory_mib()
     log(f"peak memory allocated: {alloc} MiB reserved: {reserved} MiB")
@@ -1813,7 +1877,12 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
     if rt.compile:
         log(f"compile:graphs compiled after the clock started: {recompiles}")
     averager.apply(log)
-    stats.update(steps=step, train_time_ms=clock.elapsed_ms, recompiles_in_loop=recompiles)
+    achieved = total_flops / max(clock.elapsed_ms / 1000.0, 1e-9) / rt.world_size
+    log(f"perf: run mean {achieved / 1e12:.2f} TFLOP/s per device"
+        + (f", mfu {100 * achieved / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else ""))
+    stats.update(steps=step, train_time_ms=clock.elapsed_ms, recompiles_in_loop=recompiles,
+                 flops_per_token={"unlooped": fpt[False], "looped": fpt[True]},
+                 tflops_per_device=achieved / 1e12, mfu=achieved / peak if peak else None)
     return stats
 
 
@@ -1824,10 +1893,11 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
 
 
 @torch.no_grad()
-def collect_hessians(rt, model, batches, looped):
+def collect_hessians(rt, model, batches, looped, total=None):
     """X^T X (fp32) of every block linear's input and of the final-norm output over `batches`.
 
-    batches: iterable of micro-batch lists [(x, y), ...] (training data only). Returns {weight name: H};
+    batches: iterable of micro-batch lists [(x, y), ...] (training data only; `total` of them, for progress
+    reports). Returns {weight name: H};
     q/k/v share one matrix. Sums over ranks, so it is independent of world size.
     """
     sites, hooks = {}, []
@@ -1851,8 +1921,10 @@ def collect_hessians(rt, model, batches, looped):
                   block.mlp.register_forward_pre_hook(make_hook(f"{i}.mlp_in")),  # = fc's input; fires fused too
                   block.mlp.proj.register_forward_pre_hook(make_hook(f"{i}.mlp_out"))]
     model.eval()
+    progress = Progress("hessians", total or 1)
     try:
-        for micro_batches in batches:
+        for done, micro_batches in enumerate(batches, 1):
+            progress.update(done)
             for x, _y in micro_batches:
                 with rt.autocast():
                     h = model.hidden(x, looped)
@@ -1924,7 +1996,10 @@ def quantize_state(cfg, model, hessians, clip_scale=1.0):
     {name, kind, shape, dtype, bits?, q?, scale?, data?}.
     """
     entries = []
-    for name, t in model.state_dict().items():
+    state = model.state_dict()
+    progress = Progress("gptq", len(state))
+    for done, (name, t) in enumerate(state.items(), 1):
+        progress.update(done)
         t = t.detach()
         entry = {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
         if t.is_floating_point() and t.ndim == 2 and t.numel() > cfg.quant_min_numel:
@@ -2331,7 +2406,7 @@ def load_artifact_model(cfg, rt, path):
 # the minified module is the same program (same AST up to the renaming) and the tests run both copies.
 PACK_STUB_PREFIX = "import brotli as Z,base64 as B,linecache as C\n"
 PACK_OMIT = ("smoke_corpus_documents", "train_sentencepiece", "build_smoke_data", "strip_docstrings",
-             "LocalRenamer", "minify_source", "pack_source", "pack_command")
+             "LocalRenamer", "minify_source", "pack_source", "pack_command", "write_run_plot")
 
 
 def strip_docstrings(source):
@@ -2612,7 +2687,7 @@ def sliding_windows(total, seq_len, stride):
 
 @torch.no_grad()
 def score_windows(cfg, rt, nll_fn, tokens, byte_counter, looped, ws, lo, hi, sums, ledger=None, version=0,
-                  per_position=None):
+                  per_position=None, stage=None):
     """Score windows in fixed-shape batches; add (nll, count, bytes) into `sums` (float64, 3).
 
     tokens: 1-D int64 tensor of total+1 val tokens (ideally already on the device). Records each window's [lo, hi) in `ledger` under
@@ -2626,7 +2701,10 @@ def score_windows(cfg, rt, nll_fn, tokens, byte_counter, looped, ws, lo, hi, sum
     table = np.stack([np.concatenate([ws, np.full(pad, ws[0] if len(ws) else 0)]),
                       np.concatenate([lo, np.zeros(pad, np.int64)]), np.concatenate([hi, np.zeros(pad, np.int64)])])
     table = torch.from_numpy(table).to(rt.device)  # one host->device copy per call
+    progress = Progress(stage, -(-len(ws) // B)) if stage else None
     for b in range(0, len(ws), B):
+        if progress:
+            progress.update(b // B + 1)
         blo, bhi = lo[b:b + B], hi[b:b + B]
         start, lo_t, hi_t = table[0, b:b + B], table[1, b:b + B], table[2, b:b + B]
         pos = start[:, None] + offsets[None, :]
@@ -2701,7 +2779,7 @@ def eval_sliding(cfg, rt, nll_fn, val_tokens, byte_counter, looped, ledger=None,
     mine = rank_slice(len(ws), rt)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     score_windows(cfg, rt, nll_fn, val_tokens, byte_counter, looped, ws[mine], lo[mine], hi[mine], sums,
-                  ledger=ledger, per_position=per_position)
+                  ledger=ledger, per_position=per_position, stage="sliding eval")
     all_reduce_(sums, rt)
     return (sums[0] / sums[1]).item(), (sums[0] / (sums[2] * math.log(2))).item()
 
@@ -2757,7 +2835,9 @@ def eval_ttt(cfg, rt, model, loss_fn, nll_fn, val_tokens, byte_counter, looped, 
     log(f"ttt:start chunks={num_chunks} ttt_lr={cfg.ttt_lr} ttt_epochs={cfg.ttt_epochs}")
     version, training, trained_chunks, chunk_seconds = 0, True, 0, []
     model.eval()
+    progress = Progress("ttt chunks", num_chunks)
     for ci in range(num_chunks):
+        progress.update(ci + 1)
         t_chunk = time.perf_counter()
         idx = np.arange(bounds[ci], bounds[ci + 1])[rank_slice(bounds[ci + 1] - bounds[ci], rt)]
         score_windows(cfg, rt, nll_fn, val_tokens, byte_counter, looped, ws[idx], lo[idx], hi[idx], sums,
@@ -2901,6 +2981,7 @@ class Logger:
         self.path = Path(cfg.log_dir) / f"{cfg.run_id}.txt"
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        Progress.enabled, Progress.every = self.enabled, cfg.progress_seconds
 
     def __call__(self, line, console=True):
         """Write one line (file always, stdout unless console=False)."""
@@ -2980,6 +3061,37 @@ class Report:
             os.replace(tmp, self.path)
 
 
+def write_run_plot(summary, png_path):
+    """Write the run's curves (train loss, val_bpb, LR multiplier, looping) to `png_path` with matplotlib;
+    returns the one log line saying what was done (a note, not an error, when matplotlib is missing)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot: matplotlib is not installed; no curves PNG (pip install matplotlib)"
+    cols = summary["curves"]["train_columns"]
+    train = np.array(summary["curves"]["train"], dtype=np.float64).reshape(-1, len(cols))
+    val = np.array(summary["curves"]["val"], dtype=np.float64).reshape(-1, 4)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    panels = [("train loss (nats)", train[:, 0], train[:, 2]), ("val_bpb (in-loop)", val[:, 0], val[:, 3]),
+              ("LR multiplier", train[:, 0], train[:, 3]), ("looping on", train[:, 0], train[:, 4])]
+    for ax, (title, x, y) in zip(axes.flat, panels):
+        ax.plot(x, y, marker="o" if len(x) < 3 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    for i, (stage, res) in enumerate(summary.get("results", {}).items()):
+        if "val_bpb" in res:
+            axes[0, 1].axhline(res["val_bpb"], color=f"C{i + 1}", linestyle=":", linewidth=1, label=stage)
+    if summary.get("results"):
+        axes[0, 1].legend(fontsize=7)
+    fig.suptitle(f"{summary['run_id']} (seed {summary['seed']}, {summary['preset']})")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
+    return f"plot: {png_path}"
+
+
 # =============================================================================================
 # MAIN
 # =============================================================================================
@@ -3038,7 +3150,7 @@ def export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, l
     t = time.perf_counter()
     loader = TrainLoader(cfg, rt, train_files)
     hessians = collect_hessians(rt, model, (loader.next_batch() for _ in range(cfg.gptq_calibration_batches)),
-                                looped)
+                                looped, total=cfg.gptq_calibration_batches)
     rt.sync()
     hess_s = time.perf_counter() - t
     reserve = stats["gptq_reserve_seconds"]
@@ -3089,6 +3201,8 @@ def write_and_account(cfg, rt, model, hessians, code_n, code_desc, byte_counter,
     for line in describe_quantization(entries):
         log(line)
     encode = lambda es: encode_artifact(es, arch, cfg.compressor)
+    Progress.note(f"compressing {sum(e.get('q', e.get('data')).numel() for e in entries) / 1e6:.1f}M values "
+                  f"with {cfg.compressor} (one stream)")
     data = encode(entries)
     write_file_atomically(path, data)
     target = cfg.size_limit_bytes - code_n
@@ -3168,6 +3282,8 @@ def run(cfg, rt, log):
                            loop_enabled_step=stats["loop_enabled_step"], step0_val_bpb=stats.get("step0_val_bpb"),
                            last_in_loop_val_bpb=stats.get("last_val_bpb"),
                            recompiles_in_loop=stats["recompiles_in_loop"], train_losses=stats["train_losses"],
+                           flops_per_token=stats["flops_per_token"], tflops_per_device=stats["tflops_per_device"],
+                           mfu=stats["mfu"],
                            curves={"train": stats["curve"], "val": stats["val_curve"],
                                    "train_columns": ["step", "train_ms", "loss", "lr_mul", "looped"],
                                    "val_columns": ["step", "train_ms", "val_loss", "val_bpb"]})
@@ -3185,6 +3301,8 @@ def run(cfg, rt, log):
                                 "score_before_update": report["legality"]["score_before_update"]}
     report.flush()
     log(f"summary: {report.path}")
+    if rt.is_main and "curves" in report:
+        log(write_run_plot(report.data, report.path.with_suffix("").with_suffix(".png")))
     return report
 
 

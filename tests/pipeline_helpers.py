@@ -27,7 +27,7 @@ TINY_RUN_ENV = {
     "LOOP_END": "1", "PARALLEL_RESIDUAL_START": "2", "XSA_LAST_N": "2",
     "TRAIN_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "1024", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "64",
     "EVAL_BATCH_SEQS": "8", "TTT_ENABLED": "1", "SLIDING_WINDOW_ENABLED": "1", "TTT_CHUNK_TOKENS": "512",
-    "TTT_EPOCHS": "2", "TTT_LR": "0.05",
+    "TTT_EPOCHS": "2", "TTT_LR": "0.05", "PROGRESS_SECONDS": "0",
 }
 SMALL_VAL_TOKENS = 2048  # scored positions in the small validation shard (4 TTT chunks of 512)
 

@@ -529,3 +529,20 @@ def test_bf16_compute_policy_runs_on_cpu_and_tracks_fp32():
     assert losses["fp32"][-1] < 0.8 * losses["fp32"][0]  # it learned, so agreement is not trivial
     for a, b in zip(losses["fp32"], losses["bf16"]):
         assert abs(a - b) <= 0.03 * a, (losses["fp32"], losses["bf16"])
+
+
+def test_flops_per_token_hand_count_tiny_and_record():
+    """Training FLOPs/token against hand counts: a tiny config written out by hand, and the record's published
+    284.7 M (11 layers) / 426.3 M (17 looped virtual layers) from PERF_ANCHORS."""
+    cfg = tiny_config()  # D=32, 4 heads of 8, 2 KV heads, MLP 128, vocab 64, T=16, loop 1-2 once
+    per_layer = 32 * 32 + 2 * (32 * 16) + 32 * 32 + 2 * (32 * 128)  # q, k+v, out, fc+proj = 11264
+    head, attn = 64 * 32, 2 * 2 * 4 * 8 * 16 / 2
+    model = tg.GPT(cfg)
+    for looped, visits in ((False, 5), (True, 7)):
+        got = tg.flops_per_token(model, looped, 16)
+        assert got["matmul"] == 3 * 2 * (visits * per_layer + head)
+        assert got["attention"] == 3 * visits * attn
+        assert got["total"] == got["matmul"] + got["attention"]
+    record = tg.GPT(tg.Hyperparameters())
+    assert abs(tg.flops_per_token(record, False, 2048)["total"] / 1e6 - 284.7) < 0.1
+    assert abs(tg.flops_per_token(record, True, 2048)["total"] / 1e6 - 426.3) < 0.1
