@@ -79,6 +79,15 @@ class Hyperparameters:
     xsa_last_n: int = 11
     ln_scale: bool = True
     parallel_residual_start: int = 7
+    parallel_lanes: bool = False  # two residual lanes (attention lane, MLP lane) in the parallel layers
+    lane_resid_init: float = 1.1
+    parallel_final_lane: str = "mean"  # mean | attn | mlp: the lane(s) that become the final hidden state
+    smear_gate: bool = False  # previous-token mixing after the embedding, masked at BOS
+    smear_gate_window: int = 12
+    sparse_attn_gate: bool = False  # per-head output gate from a narrow window of the attention input
+    attn_gate_window: int = 12
+    attn_gate_scale: float = 0.5
+    attn_gate_init_std: float = 0.0
     skip_gates_enabled: bool = True
     loop_start: int = 3
     loop_end: int = 5
@@ -105,6 +114,7 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 5
+    muon_ns_coeffs: str = "quintic"  # quintic (record: one fixed triple) | polar_express (one triple per step)
     muon_wd: float = 0.095
     muon_row_normalize: bool = True
     embed_wd: float = 0.085
@@ -172,7 +182,32 @@ SMOKE_PRESET = dict(
     gptq_calibration_batches=4, quant_min_numel=1024, size_limit_bytes=4000000,
     artifact_path="logs/smoke_model.int6.ptz",
 )
-PRESETS = {"record": {}, "smoke": SMOKE_PRESET}
+# Mini-golf: the record's architecture with every feature on at a CPU-trainable size, for ablations (README).
+# Real text: ../shared/data tokenised with the real FineWeb sp8192 model when that folder exists, else the
+# smoke corpus (stdlib sources, 1024-piece tokenizer). Step-budgeted (no wallclock cap) so runs compare.
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+SHARED_TOKENIZER = SHARED_DATA / "tokenizers" / "fineweb_8192_bpe.model"
+SHARED_VAL_TEXTS = ("python_peps_created_2024.txt", "gutenberg_84_frankenstein.txt")  # its README's split
+MINIGOLF_PRESET = dict(
+    expected_val_tokens=0, num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8, xsa_last_n=6,
+    parallel_residual_start=4, loop_start=2, loop_end=3, num_loops=2,
+    train_seq_len=256, train_batch_tokens=8192, grad_accum_base=2, iterations=160, max_wallclock_seconds=0.0,
+    warmup_steps=2, muon_momentum_warmup_steps=80, ema_decay=0.98, matrix_lr=0.03, embed_lr=0.05,
+    val_loss_every=40, train_log_every=20, eval_seq_len=256, eval_stride=64, eval_batch_seqs=32,
+    ttt_chunk_tokens=8192, ttt_lr=0.003, sliding_window_enabled=True, gptq_calibration_batches=4,
+    quant_min_numel=1024, size_limit_bytes=4000000, artifact_path="",
+)
+# The leading entry's values (1.0611, PR #1855; LEADER_STACK.md) where they differ from the record, and its
+# techniques switched on. GPTQ_CALIBRATION_BATCHES counts global batches summed over ranks: 2 = its 16
+# rank-0 batches of 48 sequences.
+FRONTIER_PRESET = dict(
+    qk_gain_init=5.0, beta2=0.99, matrix_lr=0.026, muon_momentum=0.97, min_lr=0.1, warmdown_frac=0.85,
+    embed_bits=7, embed_clip_sigmas=14.0, gptq_calibration_batches=2,
+    parallel_residual_start=8, parallel_lanes=True, parallel_final_lane="mean",
+    smear_gate=True, sparse_attn_gate=True, attn_gate_window=12, attn_gate_scale=0.5, attn_gate_init_std=0.0,
+    muon_ns_coeffs="polar_express", fused_ce="auto", fused_mlp="auto",
+)
+PRESETS = {"record": {}, "smoke": SMOKE_PRESET, "minigolf": MINIGOLF_PRESET, "frontier": FRONTIER_PRESET}
 
 # Env vars that belong to the launcher or the OS, never to us, even if they resemble a field.
 FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -237,9 +272,13 @@ def load_config(environ=None):
         key = f.name.upper()
         if key in environ and key != "PRESET":
             values[f.name] = parse_env_value(key, environ[key], f.type)
+    if preset == "minigolf" and "VOCAB_SIZE" not in environ:
+        values["vocab_size"] = 8192 if SHARED_TOKENIZER.exists() else 1024  # shared text, else stdlib corpus
     cfg = Hyperparameters(**values)
     if not cfg.run_id:
         cfg.run_id = f"{preset}_{uuid.uuid4().hex[:12]}"
+    if not cfg.artifact_path:
+        cfg.artifact_path = str(Path(cfg.log_dir) / f"{cfg.run_id}.int6.ptz")
     return cfg
 
 
@@ -295,13 +334,28 @@ def validate_config(cfg, world_size):
     need(cfg.compute_dtype in ("auto", "fp32", "bf16"), f"COMPUTE_DTYPE={cfg.compute_dtype!r} must be auto, fp32 or bf16")
     need(cfg.dist_timeout_seconds > 0, f"DIST_TIMEOUT_SECONDS={cfg.dist_timeout_seconds} must be positive")
     need(cfg.vocab_size <= 65536, f"VOCAB_SIZE={cfg.vocab_size} must fit uint16 shards (<= 65536)")
+    need(cfg.muon_ns_coeffs in NS_COEFFS, f"MUON_NS_COEFFS={cfg.muon_ns_coeffs!r} must be one of {sorted(NS_COEFFS)}")
+    need(cfg.parallel_final_lane in ("mean", "attn", "mlp"),
+         f"PARALLEL_FINAL_LANE={cfg.parallel_final_lane!r} must be mean, attn or mlp")
+    if cfg.parallel_lanes:
+        encoder_layers = {i for looped in (False, True) for i in layer_layout(cfg, looped)[0]}
+        need(cfg.parallel_residual_start < cfg.num_layers
+             and all(i < cfg.parallel_residual_start for i in encoder_layers),
+             f"PARALLEL_LANES=1 needs every layer from PARALLEL_RESIDUAL_START={cfg.parallel_residual_start} on in "
+             f"the decoder half (above LOOP_END and the middle layer) and below NUM_LAYERS={cfg.num_layers}")
+    for name, window in (("SMEAR_GATE_WINDOW", cfg.smear_gate_window), ("ATTN_GATE_WINDOW", cfg.attn_gate_window)):
+        need(0 < window <= cfg.model_dim, f"{name}={window} must be in 1..MODEL_DIM={cfg.model_dim}")
     need(cfg.caseops in ("auto", "0", "1"), f"CASEOPS={cfg.caseops!r} must be auto, 0 or 1")
 
 
 def data_paths(cfg):
     """Return (train_glob, val_glob, tokenizer_path) derived from DATA_DIR/VOCAB_SIZE unless overridden."""
     root = Path(cfg.data_dir)
-    if cfg.preset == "smoke":
+    if cfg.preset == "minigolf" and cfg.vocab_size == 8192 and SHARED_TOKENIZER.exists():
+        dataset = "minigolf_shared_sp8192"
+        train, val = (str(root / "datasets" / dataset / f"fineweb_{s}_*.bin") for s in ("train", "val"))
+        return cfg.train_files or train, cfg.val_files or val, cfg.tokenizer_path or str(SHARED_TOKENIZER)
+    if cfg.preset in ("smoke", "minigolf"):
         dataset, tok = f"smoke_stdlib_sp{cfg.vocab_size}", f"smoke_stdlib_{cfg.vocab_size}_bpe.model"
     else:
         dataset, tok = f"fineweb10B_sp{cfg.vocab_size}", f"fineweb_{cfg.vocab_size}_bpe.model"
@@ -800,51 +854,85 @@ def train_sentencepiece(lines, model_path, vocab_size):
         input_sentence_size=400000, shuffle_input_sentence=True, minloglevel=2)
 
 
-def build_smoke_data(cfg, log):
-    """On first use, build the smoke tokenizer and shards from stdlib text in their default place under DATA_DIR.
+def shared_text_documents(max_chars=4000):
+    """(train docs, val docs by file) from ../shared/data/text: blank-line paragraphs grouped into documents
+    of up to max_chars characters; validation = the two texts its README names."""
+    train, val = [], []
+    for path in sorted((SHARED_DATA / "text").glob("*.txt")):
+        docs, cur = [], ""
+        for para in path.read_text(encoding="utf-8").split("\n\n"):
+            if cur and len(cur) + len(para) > max_chars:
+                docs.append(cur)
+                cur = ""
+            cur = f"{cur}\n\n{para}" if cur else para
+        docs += [cur] if cur.strip() else []
+        (val.append(docs) if path.name in SHARED_VAL_TEXTS else train.extend(docs))
+    return train, val
+
+
+MINIGOLF_VAL_TOKENS = 32768  # validation tokens kept from the shared val texts (CPU eval budget)
+
+
+def build_default_data(cfg, log):
+    """On first use, build a preset's own data in its default place under DATA_DIR: smoke (and mini-golf
+    without ../shared) = stdlib sources + a freshly trained 1024-piece tokenizer; mini-golf with ../shared =
+    its text tokenised with the real FineWeb sp8192 model (read in place, never written).
 
     Writes nothing when TRAIN_FILES, VAL_FILES or TOKENIZER_PATH name data of the user's, and never replaces
     an existing file: everything is built in a temporary folder, then hard-linked into place.
     """
     train_glob, val_glob, tok_path = data_paths(cfg)
-    out = Path(train_glob).parent
-    targets = [Path(tok_path), out / "fineweb_val_000000.bin", out / "fineweb_train_000000.bin"]
+    out, shared = Path(train_glob).parent, Path(tok_path) == SHARED_TOKENIZER
+    targets = ([] if shared else [Path(tok_path)]) + [out / "fineweb_val_000000.bin", out / "fineweb_train_000000.bin"]
     missing = [str(t) for t in targets if not t.exists()]
     named = [k.upper() for k in ("train_files", "val_files", "tokenizer_path") if getattr(cfg, k)]
     if not missing:
         return
     if named:
         if any(not glob.glob(g) for g in (train_glob, val_glob)) or not Path(tok_path).exists():
-            raise ConfigError(f"PRESET=smoke builds its own data only when TRAIN_FILES, VAL_FILES and TOKENIZER_PATH "
-                              f"are all unset; {', '.join(named)} set, so point the others at matching data too "
-                              f"(not found: {', '.join(p for p in (train_glob, val_glob, tok_path) if not glob.glob(p))})")
+            raise ConfigError(f"PRESET={cfg.preset} builds its own data only when TRAIN_FILES, VAL_FILES and "
+                              f"TOKENIZER_PATH are all unset; {', '.join(named)} set, so point the others at "
+                              f"matching data too (not found: "
+                              f"{', '.join(p for p in (train_glob, val_glob, tok_path) if not glob.glob(p))})")
         return
     if len(missing) < len(targets):
-        raise ConfigError(f"incomplete smoke data ({missing[0]} is missing but {targets[0]} or a shard exists): "
-                          f"delete {out} and {tok_path} to rebuild it (existing files are never overwritten)")
+        raise ConfigError(f"incomplete {cfg.preset} data ({missing[0]} is missing but another of its files exists): "
+                          f"delete {out}{'' if shared else ' and ' + tok_path} to rebuild it (existing files are "
+                          f"never overwritten)")
     t0 = time.time()
-    docs = smoke_corpus_documents(max_bytes=7_000_000)
+    import sentencepiece as spm
     Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smoke_build_", dir=cfg.data_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=".data_build_", dir=cfg.data_dir))
     try:
-        built = [tmp / "tok.model", tmp / "val.bin", tmp / "train.bin"]
-        train_sentencepiece([ln for d in docs for ln in d.splitlines() if ln.strip()], built[0], cfg.vocab_size)
-        import sentencepiece as spm
-        sp = spm.SentencePieceProcessor(model_file=str(built[0]))
-        val_docs, train_docs = docs[::25], [d for i, d in enumerate(docs) if i % 25]
+        built = ([] if shared else [tmp / "tok.model"]) + [tmp / "val.bin", tmp / "train.bin"]
+        if shared:
+            sp = spm.SentencePieceProcessor(model_file=tok_path)
+            train_docs, val_files = shared_text_documents()
+            val_docs, n = [], 0
+            for pair in zip(*val_files):  # alternate the two val texts until the token budget is met
+                for d in pair:
+                    if n <= MINIGOLF_VAL_TOKENS:
+                        val_docs.append(d)
+                        n += len(sp.encode(d)) + 1
+        else:
+            docs = smoke_corpus_documents(max_bytes=7_000_000)
+            train_sentencepiece([ln for d in docs for ln in d.splitlines() if ln.strip()], built[0], cfg.vocab_size)
+            sp = spm.SentencePieceProcessor(model_file=str(built[0]))
+            val_docs, train_docs = docs[::25], [d for i, d in enumerate(docs) if i % 25]
         encode = lambda ds: np.concatenate([np.array([BOS_ID] + sp.encode(d), dtype=np.int64) for d in ds])
-        write_shard(built[1], encode(val_docs))
-        write_shard(built[2], encode(train_docs))
+        write_shard(built[-2], encode(val_docs))
+        write_shard(built[-1], encode(train_docs))
         for src, dst in zip(built, targets):
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(src, dst)  # fails instead of replacing a file that appeared meanwhile
             except FileExistsError:
-                raise ConfigError(f"{dst} appeared while the smoke data was being built; not overwriting it") from None
+                raise ConfigError(f"{dst} appeared while the {cfg.preset} data was being built; not overwriting it") \
+                    from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"smoke_data: built {len(train_docs)} train / {len(val_docs)} val documents, tokenizer "
-        f"{tok_path} in {time.time() - t0:.1f}s")
+    log(f"{cfg.preset}_data: built {len(train_docs)} train / {len(val_docs)} val documents "
+        f"({'../shared/data text' if shared else 'stdlib sources'}), tokenizer {tok_path} in {time.time() - t0:.1f}s")
 
 
 # =============================================================================================
@@ -1024,6 +1112,7 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.use_xsa = layer_idx >= cfg.num_layers - cfg.xsa_last_n
         self.backend = backend
+        self.attn_gate = HeadGate(cfg) if cfg.sparse_attn_gate else None
 
     def forward(self, x, cos, sin):
         """x (B,T,D) -> (B,T,D)."""
@@ -1038,7 +1127,54 @@ class CausalSelfAttention(nn.Module):
         y = attention(q, k, v, self.backend)
         if self.use_xsa:
             y = exclusive_self_attention(y, v)
+        if self.attn_gate is not None:
+            y = y * self.attn_gate(x)[..., None]
         return self.proj(y.reshape(B, T, -1))
+
+
+class HeadGate(nn.Module):
+    """Sparse attention output gate: per head, 2*sigmoid(scale * w_h . x[:window]), shape (B,T,H).
+
+    Reads only the first ATTN_GATE_WINDOW input channels; zero-initialised weights give exactly 1 (the
+    ungated model) at the start of training."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.window, self.scale = cfg.attn_gate_window, cfg.attn_gate_scale
+        self.weight = nn.Parameter(torch.zeros(cfg.num_heads, cfg.attn_gate_window))  # GPT._init_weights
+
+    def forward(self, x):
+        """x (B,T,D) -> gates (B,T,H) in x's dtype."""
+        z = F.linear(x[..., :self.window], self.weight.to(x.dtype))
+        return 2 * torch.sigmoid(self.scale * z)
+
+
+class SmearGate(nn.Module):
+    """x_t += lam * sigmoid(w . x_t[:window]) * x_{t-1}, with the previous-token term zeroed wherever token t
+    is BOS, so nothing crosses a document boundary. Zero-initialised (lam = 0): the identity at the start."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.window = cfg.smear_gate_window
+        self.weight = nn.Parameter(torch.zeros(cfg.smear_gate_window))
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, ids):
+        """x (B,T,D), ids (B,T) -> (B,T,D); position 0 of every row has no predecessor."""
+        gate = self.lam.to(x.dtype) * torch.sigmoid(x[..., :self.window] @ self.weight.to(x.dtype))
+        gate = gate * (ids != BOS_ID).to(x.dtype)
+        return x + gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+class LaneMix(nn.Module):
+    """Learned scalars of the two-lane parallel layers, one row per physical layer (rows below
+    PARALLEL_RESIDUAL_START are unused): resid (L,2) scales each lane's carry, mix (L,2,2)[lane, source]
+    weighs the attention (source 0) and MLP (source 1) outputs written into each lane."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.resid = nn.Parameter(torch.full((cfg.num_layers, 2), cfg.lane_resid_init))
+        self.mix = nn.Parameter(torch.ones(cfg.num_layers, 2, 2))
 
 
 # --- fused kernels: softcapped cross-entropy and the LeakyReLU(0.5)^2 up-projection ----------------
@@ -1267,6 +1403,17 @@ class Block(nn.Module):
         x1 = x_in + self.attn_scale.to(x.dtype) * a
         return x1 + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x1) * self.ln_s)
 
+    def forward_lanes(self, lanes, x0, cos, sin, resid, mix):
+        """Two-lane parallel layer: attention reads lane A (after the x0 mix), the MLP reads lane B, and each
+        lane l becomes resid[l] * itself + mix[l,0] * attention + mix[l,1] * MLP. lanes: pair of (B,T,D)."""
+        a, b = lanes
+        rm, resid, mix = self.resid_mix.to(a.dtype), resid.to(a.dtype), mix.to(a.dtype)
+        a_in = rm[0] * a + rm[1] * x0
+        att = self.attn_scale.to(a.dtype) * self.attn(rms_norm(a_in) * self.ln_s, cos, sin)
+        mlp = self.mlp_scale.to(a.dtype) * self.mlp(rms_norm(b) * self.ln_s)
+        return (resid[0] * a_in + mix[0, 0] * att + mix[0, 1] * mlp,
+                resid[1] * b + mix[1, 0] * att + mix[1, 1] * mlp)
+
 
 def layer_layout(cfg, looped):
     """(encoder, decoder) physical-layer index lists for the plain or looped virtual depth."""
@@ -1296,6 +1443,8 @@ class GPT(nn.Module):
         self.skip_gates = (nn.Parameter(torch.zeros(self.num_skips, cfg.model_dim))
                            if cfg.skip_gates_enabled else None)
         self.layouts = {False: layer_layout(cfg, False), True: layer_layout(cfg, True)}
+        self.smear = SmearGate(cfg) if cfg.smear_gate else None
+        self.lanes = LaneMix(cfg) if cfg.parallel_lanes else None
         self.stream_dtype = torch.float32  # residual-stream dtype; build_model sets the runtime's compute dtype
         self._init_weights()
 
@@ -1307,12 +1456,17 @@ class GPT(nn.Module):
                 nn.init.orthogonal_(lin.weight)
             nn.init.zeros_(block.attn.proj.weight)
             nn.init.zeros_(block.mlp.proj.weight)
+        for block in self.blocks:  # after the record's draws, so switching the gate on changes no other init
+            if block.attn.attn_gate is not None and self.cfg.attn_gate_init_std > 0:
+                nn.init.normal_(block.attn.attn_gate.weight, std=self.cfg.attn_gate_init_std)
 
     def hidden(self, ids, looped=False):
         """ids (B,T) int64 -> final RMS-normalised hidden states (B,T,D)."""
         T = ids.size(1)
         cos, sin = rope_tables(T, self.cfg.rope_dims, self.cfg.rope_base, self.cfg.train_seq_len, ids.device)
         x = rms_norm(self.tok_emb(ids).float()).to(self.stream_dtype)  # bf16 stream on CUDA, as the record
+        if self.smear is not None:
+            x = self.smear(x, ids)
         x0 = x
         encoder, decoder = self.layouts[bool(looped)]
         stack = []
@@ -1321,14 +1475,28 @@ class GPT(nn.Module):
             stack.append(x)
         for k, i in enumerate(decoder):
             if k < self.num_skips and stack:
-                s = self.skip_weights[k].to(x.dtype) * stack.pop()
-                if self.skip_gates is not None:
-                    g = torch.sigmoid(self.skip_gates[k]).to(x.dtype)
-                    x = g * x + (1 - g) * s
-                else:
-                    x = x + s
-            x = self.blocks[i](x, x0, cos, sin)
+                x = self.skip(k, x, stack.pop())
+            x = self.layer(i, x, x0, cos, sin)
+        if isinstance(x, tuple):  # two lanes: the configured final lane (or their mean)
+            x = {"attn": x[0], "mlp": x[1]}.get(self.cfg.parallel_final_lane, 0.5 * (x[0] + x[1]))
         return rms_norm(x)
+
+    def skip(self, k, x, s):
+        """Gated U-Net skip k: lerp from skip_weights[k]*s toward x (both lanes alike when x is a pair)."""
+        if isinstance(x, tuple):
+            return tuple(self.skip(k, lane, s) for lane in x)
+        s = self.skip_weights[k].to(x.dtype) * s
+        if self.skip_gates is None:
+            return x + s
+        g = torch.sigmoid(self.skip_gates[k]).to(x.dtype)
+        return g * x + (1 - g) * s
+
+    def layer(self, i, x, x0, cos, sin):
+        """Physical layer i on the stream x (a tensor, or the pair of lanes in a two-lane parallel layer)."""
+        if self.lanes is None or i < self.cfg.parallel_residual_start:
+            return self.blocks[i](x, x0, cos, sin)
+        lanes = x if isinstance(x, tuple) else (x, x)
+        return self.blocks[i].forward_lanes(lanes, x0, cos, sin, self.lanes.resid[i], self.lanes.mix[i])
 
     def raw_logits(self, ids, looped=False):
         """ids (B,T) -> pre-softcap logits (B,T,V) through the tied embedding, in the matmul dtype."""
@@ -1382,19 +1550,30 @@ def flops_per_token(model, looped, seq_len):
 # OPTIMIZERS: Muon (row-normalised, round-robin sharded) for block matrices, AdamW for the rest
 # =============================================================================================
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
-CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "skip_gates")
+# Newton-Schulz coefficient schedules: (a, b, c) of X <- aX + (bA + cA^2)X per iteration (the last one repeats).
+NS_COEFFS = {
+    "quintic": ((3.4445, -4.7750, 2.0315),),  # the record's fixed triple
+    "polar_express": ((8.156554524902461, -22.48329292557795, 15.878769915207462),  # the leader's 5 steps
+                      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+}
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "skip_gates", "attn_gate")
 
 
-def newton_schulz5(G, steps, dtype):
-    """Approximately orthogonalise G (r,c) with `steps` quintic Newton-Schulz iterations in `dtype`."""
-    a, b, c = NS_COEFFS
+def newton_schulz5(G, steps, dtype, coeffs=NS_COEFFS["quintic"]):
+    """Approximately orthogonalise G (r,c) with `steps` Newton-Schulz iterations in `dtype`.
+
+    Iteration i uses coeffs[min(i, len - 1)], so a schedule shorter than `steps` repeats its last triple
+    (the leader's code instead stops after its 5 triples)."""
     X = G.to(dtype)
     transposed = X.size(0) > X.size(1)
     if transposed:
         X = X.T
     X = X / (X.norm() + 1e-7)
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
         A = X @ X.T
         X = a * X + (b * A + c * (A @ A)) @ X
     return X.T if transposed else X
@@ -1403,9 +1582,10 @@ def newton_schulz5(G, steps, dtype):
 class Muon(torch.optim.Optimizer):
     """MuonEq-R: Nesterov momentum, row normalisation, NS5, shape scale, decoupled WD; work split by rank."""
 
-    def __init__(self, params, lr, momentum, weight_decay, ns_steps, row_normalize, rt):
+    def __init__(self, params, lr, momentum, weight_decay, ns_steps, row_normalize, rt, ns_coeffs="quintic"):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.ns_steps, self.row_normalize, self.rt = ns_steps, row_normalize, rt
+        self.ns_coeffs = NS_COEFFS[ns_coeffs]
         # Compiled, the 5 iterations fuse into a few kernels per matrix shape (eager: ~45 small kernels)
         self.orthogonalize = torch.compile(newton_schulz5, dynamic=False, fullgraph=True) if rt.compile \
             else newton_schulz5
@@ -1421,7 +1601,7 @@ class Muon(torch.optim.Optimizer):
         u = g.add(buf, alpha=momentum)
         if self.row_normalize:
             u = u / u.float().norm(dim=1, keepdim=True).clamp_min(1e-7).to(u.dtype)
-        u = self.orthogonalize(u, self.ns_steps, self.rt.ns_dtype)
+        u = self.orthogonalize(u, self.ns_steps, self.rt.ns_dtype, self.ns_coeffs)
         return u * math.sqrt(max(1.0, p.size(0) / p.size(1)))
 
     @torch.no_grad()
@@ -1466,7 +1646,8 @@ def build_optimizers(cfg, rt, model):
                                    betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.embed_wd,
                                    **fused)
     muon = Muon(muon_params, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_wd,
-                ns_steps=cfg.muon_backend_steps, row_normalize=cfg.muon_row_normalize, rt=rt)
+                ns_steps=cfg.muon_backend_steps, row_normalize=cfg.muon_row_normalize, rt=rt,
+                ns_coeffs=cfg.muon_ns_coeffs)
     muon.param_groups[0]["base_lr"] = cfg.matrix_lr
     adam_scalar = torch.optim.AdamW([dict(params=scalar_params, lr=cfg.scalar_lr, base_lr=cfg.scalar_lr)],
                                     betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.adam_wd,
@@ -2010,6 +2191,9 @@ def quantize_state(cfg, model, hessians, clip_scale=1.0):
             k = clip_scale * (cfg.embed_clip_sigmas if embed else cfg.matrix_clip_sigmas)
             q, s = gptq_quantize(t, hessians[name], bits, k, cfg.gptq_block_size, cfg.gptq_damp)
             entry.update(kind="gptq", bits=bits, q=q.cpu(), scale=s.half().cpu())
+        elif "attn_gate" in name:  # the sparse gate's weights: int8 per row (absmax scale), not fp16
+            scale = (t.float().abs().amax(dim=1) / 127).half().float().clamp_min(2.0 ** -24)
+            entry.update(kind="int8row", bits=8, q=quantize_rtn(t, scale, 8).cpu(), scale=scale.half().cpu())
         else:
             entry.update(kind="passthrough", data=t.to(torch.float16).cpu())
         entries.append(entry)
@@ -2021,7 +2205,7 @@ def dequantize_entries(entries):
     state = {}
     for e in entries:
         dtype = getattr(torch, e["dtype"])
-        if e["kind"] == "gptq":
+        if "q" in e:  # gptq or int8row: integer values times a per-row scale
             state[e["name"]] = (e["q"].float() * e["scale"].float()[:, None]).to(dtype)
         else:
             state[e["name"]] = e["data"].to(dtype)
@@ -2032,7 +2216,7 @@ def describe_quantization(entries):
     """Record-style 'Quantized weights:' lines grouping names by treatment with layer indices collapsed."""
     groups = {}
     for e in entries:
-        label = f"gptq (int{e['bits']})" if e["kind"] == "gptq" else "passthrough (float16)"
+        label = {"gptq": f"gptq (int{e.get('bits')})", "int8row": "int8 per-row"}.get(e["kind"], "passthrough (float16)")
         parts = e["name"].split(".")
         name = ".".join(p for i, p in enumerate(parts) if not (i == 1 and parts[0] == "blocks"))
         groups.setdefault(label, set()).add(name)
@@ -2268,8 +2452,8 @@ def serialize_entries(entries, arch):
     table, chunks, offset = [], [], 0
     for e in entries:
         row = {k: e[k] for k in ("name", "kind", "shape", "dtype")}
-        parts = [("q", e["q"]), ("scale", e["scale"])] if e["kind"] == "gptq" else [("data", e["data"])]
-        if e["kind"] == "gptq":
+        parts = [("q", e["q"]), ("scale", e["scale"])] if "q" in e else [("data", e["data"])]
+        if "q" in e:
             row["bits"] = e["bits"]
         for key, t in parts:
             raw = t.contiguous().numpy().tobytes()
@@ -2405,7 +2589,7 @@ def load_artifact_model(cfg, rt, path):
 # shortened, one-space indentation, then brotli-11 + base85 inside a two-line stub. The packer checks that
 # the minified module is the same program (same AST up to the renaming) and the tests run both copies.
 PACK_STUB_PREFIX = "import brotli as Z,base64 as B,linecache as C\n"
-PACK_OMIT = ("smoke_corpus_documents", "train_sentencepiece", "build_smoke_data", "strip_docstrings",
+PACK_OMIT = ("smoke_corpus_documents", "train_sentencepiece", "shared_text_documents", "build_default_data", "strip_docstrings",
              "LocalRenamer", "minify_source", "pack_source", "pack_command", "write_run_plot")
 
 
@@ -3110,9 +3294,10 @@ PUBLISHED_VAL_TOKENS = {(8192, 2048): 40540160}
 def prepare_data(cfg, rt, log):
     """Build smoke data if needed, then load (and fingerprint) tokenizer tables and validation tokens."""
     train_glob, val_glob, tok_path = data_paths(cfg)
-    if cfg.preset == "smoke" and not cfg.eval_only and not all(glob.glob(p) for p in (train_glob, val_glob, tok_path)):
+    if cfg.preset in ("smoke", "minigolf") and not cfg.eval_only \
+            and not all(glob.glob(p) for p in (train_glob, val_glob, tok_path)):
         if rt.is_main:
-            build_smoke_data(cfg, log)
+            build_default_data(cfg, log)
         barrier(rt)
     sp = load_tokenizer(tok_path, cfg.vocab_size)
     log(f"tokenizer: {tok_path} vocab:{sp.get_piece_size()} sha256:{hashlib.sha256(Path(tok_path).read_bytes()).hexdigest()}")

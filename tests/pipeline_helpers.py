@@ -113,7 +113,7 @@ def smoke_data(factory):
     if "data" not in _CACHE:
         root = factory.mktemp("smoke_data")
         cfg = tg.load_config({"PRESET": "smoke", "DATA_DIR": str(root)})
-        tg.build_smoke_data(cfg, lambda *a, **k: None)
+        tg.build_default_data(cfg, lambda *a, **k: None)
         _train, val_glob, tok_path = tg.data_paths(cfg)
         val = np.fromfile(sorted(glob.glob(val_glob))[0], dtype="<u2", offset=1024)
         assert val[0] == tg.BOS_ID and val.size > SMALL_VAL_TOKENS + 1

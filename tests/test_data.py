@@ -437,7 +437,7 @@ def test_smoke_builder_refuses_partial_default_data_without_overwriting(tmp_path
     Path(tok_path).parent.mkdir(parents=True)
     Path(tok_path).write_bytes(b"the user's own file")
     with pytest.raises(tg.ConfigError, match="incomplete smoke data.*delete"):
-        tg.build_smoke_data(cfg, lambda *a, **k: None)
+        tg.build_default_data(cfg, lambda *a, **k: None)
     assert Path(tok_path).read_bytes() == b"the user's own file"
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [Path(tok_path).name]
 
@@ -448,7 +448,7 @@ def test_smoke_builder_reuses_complete_data_untouched(smoke_data_dir):
     files = [p for p in Path(smoke_data_dir).rglob("*") if p.is_file()]
     stamps = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in files}
     digest = tree_digest(smoke_data_dir)
-    tg.build_smoke_data(cfg, lambda *a, **k: None)
+    tg.build_default_data(cfg, lambda *a, **k: None)
     assert tree_digest(smoke_data_dir) == digest
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in files} == stamps
-    assert not list(Path(smoke_data_dir).glob(".smoke_build_*"))  # the temporary build folder is gone
+    assert not list(Path(smoke_data_dir).glob(".data_build_*"))  # the temporary build folder is gone
