@@ -9,11 +9,19 @@ a markdown per-seed results table for the record README.
     python3 tools/make_submission.py logs/s1.summary.json logs/s2.summary.json logs/s3.summary.json \
         --author NAME --github-id ID --name "..." --blurb "..." \
         [--metric quantized_ttt] [--baseline-bpb 1.0810 --baseline-std 0.0002 --baseline-n 3] [--out submission.json]
+
+The hardware string is read from the runs (device and world size of the summaries; GPU model from the
+nvidia-smi table in the .txt log or the runner's <RUN_ID>.meta.json; CPU core count from that meta file),
+never assumed; --hardware overrides it. A run that is not the record preset on 8 CUDA devices goes to the
+non-record track (pass --allow-nonrecord) and `non_record_reasons` says why. --deterministic takes the date
+from the runs (newest finished_utc recorded in a summary or meta file) instead of today, so the same logs
+always give a byte-identical submission.json.
 """
 import argparse
 import datetime
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +40,11 @@ THRESHOLD_NATS = 0.005
 THRESHOLD_BPB_SP8192 = 0.00194
 BPB_PER_NAT_SP8192 = 0.38713
 P_VALUE_LIMIT = 0.01
-DEFAULT_HARDWARE = "8xH100 80GB SXM"
+RECORD_HARDWARE = "8xH100 80GB SXM"  # what the 10-minute track requires; never assumed, only compared
+DEFAULT_HARDWARE = RECORD_HARDWARE  # kept for callers of hardware_warnings()
+RECORD_WORLD_SIZE = 8
+TRACK_RECORD = "10min_16mb"
+TRACK_NON_RECORD = "non_record_16mb"
 
 
 class SubmissionError(Exception):
@@ -104,8 +116,8 @@ def student_t_sf(t, dof):
     return float(student_t.sf(t, dof)), "scipy.stats.t.sf"
 
 
-def welch_one_sided(mean, std, n, base_mean, base_std, base_n):
-    """One-sided Welch t-test of H1: mean < base_mean; returns dict(t, dof, p_value, p_method)."""
+def welch_statistic(mean, std, n, base_mean, base_std, base_n):
+    """Welch's t of (mean - base_mean) and its Welch-Satterthwaite degrees of freedom; returns (t, dof)."""
     if n < 2 or base_n < 2:
         raise SubmissionError(f"Welch t-test needs >= 2 runs on each side (ours n={n}, baseline n={base_n})")
     if std < 0 or base_std < 0:
@@ -115,6 +127,12 @@ def welch_one_sided(mean, std, n, base_mean, base_std, base_n):
         raise SubmissionError("Welch t-test undefined: both standard deviations are zero")
     t = (mean - base_mean) / math.sqrt(v1 + v2)
     dof = (v1 + v2) ** 2 / (v1 * v1 / (n - 1) + v2 * v2 / (base_n - 1))
+    return t, dof
+
+
+def welch_one_sided(mean, std, n, base_mean, base_std, base_n):
+    """One-sided Welch t-test of H1: mean < base_mean; returns dict(t, dof, p_value, p_method)."""
+    t, dof = welch_statistic(mean, std, n, base_mean, base_std, base_n)
     p, method = student_t_sf(-t, dof)  # P(T <= t) = P(T > -t)
     return {"t": t, "dof": dof, "p_value": p, "p_method": method}
 
@@ -137,6 +155,88 @@ def load_summary(path):
         raise SubmissionError(f"{path}: expected a JSON object")
     data["_path"] = str(path)
     return data
+
+
+def log_path(summary):
+    """Path of the run's text log: <RUN_ID>.txt beside the summary (train_gpt.py writes both to LOG_DIR)."""
+    path = Path(summary["_path"])
+    stem = path.name[:-len(".summary.json")] if path.name.endswith(".summary.json") else path.stem
+    return path.with_name(stem + ".txt")
+
+
+def meta_path(summary):
+    """Path of the runner's sidecar <RUN_ID>.meta.json beside the summary (written by tools/ablate.py)."""
+    log = log_path(summary)
+    return log.with_name(log.name[:-len(".txt")] + ".meta.json")
+
+
+def load_meta(summary):
+    """The runner's meta dict for one summary ({} when the run was not launched by tools/ablate.py)."""
+    path = meta_path(summary)
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SubmissionError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+NVIDIA_SMI_GPU = re.compile(r"^\|\s+\d+\s+(NVIDIA .+?|Tesla .+?)\s+(?:On|Off)\s+\|", re.M)
+
+
+def gpu_names(summary):
+    """GPU model names recorded for a run: the meta file's nvidia-smi query, else the log's nvidia-smi table."""
+    names = load_meta(summary).get("gpus") or []
+    if not names and log_path(summary).exists():
+        names = NVIDIA_SMI_GPU.findall(log_path(summary).read_text(encoding="utf-8", errors="replace"))
+    return [str(n).strip() for n in names]
+
+
+def describe_hardware(summaries):
+    """Plain hardware string from what the runs recorded (device, world size, CPU count, GPU model)."""
+    devices = {str(s.get("device", "")).split(":")[0] for s in summaries}
+    sizes = sorted({s.get("world_size") for s in summaries})
+    if len(devices) != 1 or len(sizes) != 1:
+        raise SubmissionError(f"runs mix devices {sorted(devices)} / world sizes {sizes}; one submission is one setup")
+    device, size = devices.pop(), sizes[0]
+    procs = f"{size} process{'es' if size != 1 else ''}"
+    if device == "cpu":
+        cpus = sorted({load_meta(s).get("cpus_available") for s in summaries} - {None})
+        cores = f"{cpus[0]} cores" if len(cpus) == 1 else "core count not recorded"
+        return f"CPU ({cores}), {procs}"
+    if device == "cuda":
+        names = sorted({n for s in summaries for n in gpu_names(s)})
+        if len(names) == 1:
+            return f"{size}x{names[0]}"
+        return f"{size}x CUDA GPU (model not recorded in the summaries or logs)"
+    return f"{device or 'unknown device'}, {procs}"
+
+
+def non_record_reasons(summaries):
+    """Why these runs cannot be a 10-minute-track record (empty list when preset and hardware qualify)."""
+    reasons = []
+    presets = sorted({str(s.get("preset")) for s in summaries})
+    if presets != ["record"]:
+        reasons.append(f"preset {', '.join(presets)} is not 'record'")
+    devices = sorted({str(s.get("device")) for s in summaries})
+    if any(not d.startswith("cuda") for d in devices):
+        reasons.append(f"device {', '.join(devices)}, not CUDA")
+    sizes = sorted({s.get("world_size") for s in summaries}, key=str)
+    if sizes != [RECORD_WORLD_SIZE]:
+        reasons.append(f"world size {', '.join(map(str, sizes))}, not {RECORD_WORLD_SIZE}")
+    return reasons
+
+
+def run_date(summaries):
+    """ISO date (UTC) of the newest run, from a 'finished_utc' in a summary or its meta file; None if none."""
+    stamps = []
+    for s in summaries:
+        for source in (s, load_meta(s)):
+            stamp = source.get("finished_utc") or source.get("started_utc")
+            if stamp:
+                stamps.append(str(stamp))
+    return max(stamps)[:10] if stamps else None
 
 
 def _need(summary, *keys):
@@ -188,6 +288,10 @@ def validate(summaries, metric, allow_nonrecord=False):
         if s["preset"] != "record" and not allow_nonrecord:
             raise SubmissionError(f"{path}: preset is '{s['preset']}', not 'record' "
                                   f"(pass --allow-nonrecord for the non-record track)")
+        reasons = non_record_reasons([s])
+        if reasons and not allow_nonrecord:
+            raise SubmissionError(f"{path}: not a record run ({'; '.join(reasons)}); "
+                                  f"pass --allow-nonrecord for the non-record track")
         if s["seed"] in seen:
             raise SubmissionError(f"{path}: seed {s['seed']} repeats (already in {seen[s['seed']]})")
         seen[s["seed"]] = path
@@ -273,25 +377,45 @@ def significance(summaries, metric, val_bpb, val_bpb_std, base_bpb, base_std, ba
             "significant_at_0_01": test["p_value"] < P_VALUE_LIMIT}
 
 
-def build_submission(summaries, *, author, github_id, name, blurb, metric=None, hardware=DEFAULT_HARDWARE,
-                     allow_nonrecord=False, baseline=None, date=None):
-    """Validate the summaries and return the submission dict; `baseline` is (bpb, std, n) or None."""
+def submission_date(summaries, date=None, deterministic=False):
+    """The submission date: `date` if given, else the runs' date when deterministic, else today."""
+    if date:
+        return date
+    if deterministic:
+        found = run_date(summaries)
+        if found is None:
+            raise SubmissionError(f"{summaries[0]['_path']}: --deterministic needs a run date, but no summary or "
+                                  f"<RUN_ID>.meta.json records 'finished_utc' (launch runs with tools/ablate.py, or "
+                                  f"pass --date YYYY-MM-DD)")
+        return found
+    return datetime.date.today().isoformat()
+
+
+def build_submission(summaries, *, author, github_id, name, blurb, metric=None, hardware=None,
+                     allow_nonrecord=False, baseline=None, date=None, deterministic=False):
+    """Validate the summaries and return the submission dict; `baseline` is (bpb, std, n) or None.
+
+    hardware=None describes the hardware from the runs (describe_hardware); deterministic=True takes the
+    date from the runs instead of today."""
     metric = choose_metric(summaries, metric)
     validate(summaries, metric, allow_nonrecord)
     summaries = sorted(summaries, key=lambda s: s["seed"])
     bpbs = [s["results"][metric]["val_bpb"] for s in summaries]
     losses = [s["results"][metric]["val_loss"] for s in summaries]
-    record = all(s["preset"] == "record" for s in summaries)
+    reasons = non_record_reasons(summaries)
     sub = {
         "author": author, "github_id": github_id, "name": name, "blurb": blurb,
-        "date": date or datetime.date.today().isoformat(),
-        "track": "10min_16mb" if record else "non_record_16mb",
+        "date": submission_date(summaries, date, deterministic),
+        "track": TRACK_NON_RECORD if reasons else TRACK_RECORD,
+        "non_record_reasons": reasons or None,
+        "preset": summaries[0]["preset"],
         "metric": metric,
         "val_loss": mean(losses), "val_bpb": mean(bpbs), "val_bpb_std": sample_std(bpbs),
         "val_loss_std": sample_std(losses),
         "seeds": [s["seed"] for s in summaries],
         "seed_results": {str(s["seed"]): seed_result(s, metric) for s in summaries},
-        "hardware": hardware,
+        "hardware": hardware or describe_hardware(summaries),
+        "device": summaries[0].get("device"),
         "pytorch_version": summaries[0]["pytorch_version"],
         "world_size": summaries[0].get("world_size"),
         "model_params": summaries[0].get("model_params"),
@@ -337,6 +461,11 @@ def markdown_table(summaries, submission):
     return "\n".join(rows)
 
 
+def submission_json(sub):
+    """The exact text written to submission.json (2-space JSON, insertion order, trailing newline)."""
+    return json.dumps(sub, indent=2) + "\n"
+
+
 def parse_args(argv):
     """Command-line interface."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -347,12 +476,17 @@ def parse_args(argv):
     p.add_argument("--blurb", required=True)
     p.add_argument("--metric", choices=STAGES, default=None,
                    help="eval stage to report (default: last available of quantized_ttt > sliding > quantized)")
-    p.add_argument("--hardware", default=DEFAULT_HARDWARE)
-    p.add_argument("--allow-nonrecord", action="store_true", help="accept non-'record' presets (non_record_16mb)")
+    p.add_argument("--hardware", default=None,
+                   help="hardware string (default: described from the runs' device, world size, GPU/CPU records)")
+    p.add_argument("--allow-nonrecord", action="store_true",
+                   help="accept runs that are not the record preset on 8 CUDA devices (non_record_16mb track)")
     p.add_argument("--baseline-bpb", type=float)
     p.add_argument("--baseline-std", type=float)
     p.add_argument("--baseline-n", type=int)
-    p.add_argument("--date", default=None, help="ISO date (default: today)")
+    p.add_argument("--date", default=None, help="ISO date (default: today, or the runs' date with --deterministic)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="date from the newest run (finished_utc in a summary or meta file), never today: the same "
+                        "logs always give a byte-identical file")
     p.add_argument("--out", default="submission.json")
     args = p.parse_args(argv)
     given = [x is not None for x in (args.baseline_bpb, args.baseline_std, args.baseline_n)]
@@ -369,15 +503,17 @@ def main(argv=None):
         summaries = [load_summary(p) for p in args.summaries]
         sub = build_submission(summaries, author=args.author, github_id=args.github_id, name=args.name,
                                blurb=args.blurb, metric=args.metric, hardware=args.hardware,
-                               allow_nonrecord=args.allow_nonrecord, baseline=baseline, date=args.date)
+                               allow_nonrecord=args.allow_nonrecord, baseline=baseline, date=args.date,
+                               deterministic=args.deterministic)
     except SubmissionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for w in hardware_warnings(summaries, args.hardware):
-        print(f"warning: {w}", file=sys.stderr)
+    if args.hardware:
+        for w in hardware_warnings(summaries, args.hardware):
+            print(f"warning: {w}", file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
+    out.write_text(submission_json(sub), encoding="utf-8")
     print(markdown_table(summaries, sub))
     print()
     failed = [k for k, v in sub["compliance"].items() if not v]
