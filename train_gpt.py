@@ -422,12 +422,15 @@ class Runtime:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
+    def device_name(self):
+        """The CUDA device's name, or None on CPU."""
+        return torch.cuda.get_device_name(self.device) if self.is_cuda else None
+
     def peak_flops(self):
         """Dense bf16 peak FLOP/s of one device for MFU (H100 SXM 989e12, A100 312e12), or None if unknown."""
         if not self.is_cuda:
             return None
-        name = torch.cuda.get_device_name(self.device)
-        return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        return next((v for k, v in PEAK_BF16_FLOPS.items() if k in self.device_name()), None)
 
     def peak_memory_mib(self):
         """(allocated, reserved) peak device memory in MiB; zeros on CPU."""
@@ -1985,7 +1988,7 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
             return
         k, loss_value, over = done
         if not math.isfinite(loss_value):
-            lr = lr_at.get(k, (float("nan"), looped))[0]
+            lr = lr_at.get(k, (float("nan"),))[0]
             line = (f"diverged: non-finite train loss at step {k}; last finite loss {last_finite[1]} at step "
                     f"{last_finite[0]}; lr multiplier {lr:.4g} (matrix_lr {cfg.matrix_lr * lr:.4g}, embed_lr "
                     f"{cfg.embed_lr * lr:.4g}); stopping (log and summary kept)")
@@ -1993,8 +1996,8 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
             stats.update(steps=k, train_time_ms=clock.ms(), diverged_step=k)
             raise TrainingDiverged(line)
         last_finite = (k, round(loss_value, 4))
-        lr, was_looped = lr_at.pop(k, (1.0, looped))
-        stats["curve"].append([k, round(clock.ms(), 1), round(loss_value, 5), round(lr, 5), int(was_looped)])
+        lr, was_looped, t_end = lr_at.pop(k, (1.0, looped, clock.ms()))
+        stats["curve"].append([k, round(t_end, 1), round(loss_value, 5), round(lr, 5), int(was_looped)])
         if over and stop_at is None:
             stop_at = k + 1  # the step queued after k is the last one
 
@@ -2029,8 +2032,8 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
         batch = loader.next_batch()  # host-side work overlaps the queued device step
         step += 1
         total_flops += fpt[looped] * cfg.train_batch_tokens
-        lr_at[step] = (lr_mul, looped)
         averager.update(step, frac)
+        lr_at[step] = (lr_mul, looped, clock.ms())  # host time once the step is queued (~ when it ends)
         step_ms = 0.9 * step_ms + 0.1 * (clock.ms() - t_step) if step > 1 else clock.ms() - t_step
         # Over budget if the step queued next would end past it (the flag is read one step late).
         settle(monitor.push(step, loss_share, budget > 0 and clock.ms() + step_ms >= budget))
@@ -2590,7 +2593,7 @@ def load_artifact_model(cfg, rt, path):
 # the minified module is the same program (same AST up to the renaming) and the tests run both copies.
 PACK_STUB_PREFIX = "import brotli as Z,base64 as B,linecache as C\n"
 PACK_OMIT = ("smoke_corpus_documents", "train_sentencepiece", "shared_text_documents", "build_default_data", "strip_docstrings",
-             "LocalRenamer", "minify_source", "pack_source", "pack_command", "write_run_plot")
+             "LocalRenamer", "minify_source", "pack_source", "pack_command")
 
 
 def strip_docstrings(source):
@@ -2744,20 +2747,19 @@ class LocalRenamer:
                 pool = self.fresh(set(outer_new) | (seen - candidates))
                 mapping = {old: next(pool) for old in order}  # a bijection: every candidate is renamed
                 self.apply(scope, mapping)
-        inner = set(outer_new) | set(mapping.values())
-        body = scope.body if isinstance(getattr(scope, "body", None), list) else []
-        for node in ast.walk(scope) if not isinstance(scope, ast.Module) else self.own_nodes(body):
-            if node is not scope and self.scope_name(node) and self.parent_scope(scope, node):
-                self.rename(node, frozenset(inner))
+        inner = frozenset(set(outer_new) | set(mapping.values()))
+        for child in self.child_scopes(scope):
+            self.rename(child, inner)
 
-    def parent_scope(self, scope, node):
-        """True if `node` (a scope) is nested directly in `scope` (no scope in between)."""
-        ast = self.ast
-        for child in ast.walk(scope):
-            if child is not scope and self.scope_name(child) and child is not node:
-                if any(x is node for x in ast.walk(child)):
-                    return False
-        return True
+    def child_scopes(self, scope):
+        """The scopes nested directly in `scope` (none in between)."""
+        stack = list(self.ast.iter_child_nodes(scope))
+        while stack:
+            node = stack.pop()
+            if self.scope_name(node):
+                yield node
+            else:
+                stack.extend(self.ast.iter_child_nodes(node))
 
     def apply(self, scope, mapping):
         """Rewrite every reference to a renamed name inside `scope` (nested scopes and nonlocal included)."""
@@ -2817,9 +2819,19 @@ def pack_source(source):
             + 'C.cache[f]=(len(s),None,s.splitlines(True),f);exec(compile(s,f,"exec"))\n')
 
 
+_CODE_BYTES = {}  # source text -> (bytes, description): packing takes seconds, so once per process
+
+
 def code_bytes():
     """(bytes counted for code, description): the running file if packed, else its packed form's size."""
     running = Path(__file__).read_text(encoding="utf-8")
+    if running not in _CODE_BYTES:
+        _CODE_BYTES[running] = _count_code_bytes(running)
+    return _CODE_BYTES[running]
+
+
+def _count_code_bytes(running):
+    """code_bytes() without the cache."""
     if running.startswith(PACK_STUB_PREFIX):
         return len(running.encode("utf-8")), f"packed file {Path(__file__).name} (running it)"
     packed = len(pack_source(running).encode("utf-8"))
@@ -3214,6 +3226,11 @@ def log_header(cfg, rt, log, train_glob, val_glob, tok_path):
     log("=" * 100, console=False)
 
 
+def utc_now():
+    """Current UTC time, ISO 8601 to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+
 class Report:
     """Machine-readable run summary written to logs/<RUN_ID>.summary.json after every stage (main rank)."""
 
@@ -3222,7 +3239,12 @@ class Report:
         self.path = Path(cfg.log_dir) / f"{cfg.run_id}.summary.json"
         self.data = {"run_id": cfg.run_id, "seed": cfg.seed, "data_seed": cfg.data_seed, "preset": cfg.preset,
                      "world_size": rt.world_size, "device": str(rt.device), "pytorch_version": torch.__version__,
-                     "python_version": sys.version.split()[0], "config": dataclasses.asdict(cfg)}
+                     "python_version": sys.version.split()[0], "config": dataclasses.asdict(cfg),
+                     "started_utc": utc_now(), "source_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+                     "hardware": {"cpu_count": os.cpu_count(), "cpus_available": len(os.sched_getaffinity(0))
+                                  if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                                  "torch_threads": torch.get_num_threads(), "gpu_name": rt.device_name(),
+                                  "gpu_count": rt.world_size if rt.is_cuda else 0}}
 
     def setdefault(self, key, default):
         """dict.setdefault on the summary."""
@@ -3484,6 +3506,9 @@ def run(cfg, rt, log):
         report["compliance"] = {"score_first_ttt": bool(cfg.ttt_enabled),
                                 "scored_exactly_once": report["legality"]["scored_exactly_once"],
                                 "score_before_update": report["legality"]["score_before_update"]}
+    report.flush()
+    report.data.setdefault("status", "ok")
+    report["finished_utc"] = utc_now()
     report.flush()
     log(f"summary: {report.path}")
     if rt.is_main and "curves" in report:

@@ -168,7 +168,7 @@ def test_all_runs_and_table(tiny):
     runs = summaries_of(out)
     assert sorted(runs) == ["tiny_base_s1", "tiny_base_s2", "tiny_lr_s1", "tiny_lr_s2"]
     for run_id, s in runs.items():
-        assert s["run_id"] == run_id and s["seed"] == int(run_id[-1]) and "status" not in s
+        assert s["run_id"] == run_id and s["seed"] == int(run_id[-1]) and s["status"] == "ok"
         assert s["steps"] == th.ITERATIONS and s["config"]["max_wallclock_seconds"] == 0
         assert (out / "runs" / f"{run_id}.txt").exists() and (out / "runs" / f"{run_id}.meta.json").exists()
         assert json.loads((out / "runs" / f"{run_id}.meta.json").read_text())["returncode"] == 0

@@ -334,6 +334,11 @@ def read_json(path):
         raise AblationError(f"{path}: not valid JSON ({e})") from None
 
 
+def failed_status(summary):
+    """True if train_gpt.py marked the run failed (any status other than "ok"; older runs have none)."""
+    return summary.get("status", "ok") != "ok"
+
+
 def summary_complete(summary):
     """True when the run reached its final evaluation (train_gpt.py writes this total last)."""
     return "total_from_artifact_load" in (summary.get("eval_seconds") or {})
@@ -345,7 +350,7 @@ def run_state(run):
     summary = read_json(run.summary_path) if run.summary_path.exists() else None
     finished = meta is not None and meta.get("returncode") is not None
     if summary is not None:
-        if summary.get("status"):
+        if failed_status(summary):
             detail = summary["status"] + (f": {summary['error']}" if summary.get("error") else "")
             return "failed", detail, summary
         if finished and meta["returncode"] != 0:
@@ -472,7 +477,7 @@ def check_runs(plan, loaded):
     """Refuse summaries that do not belong together; loaded is [(run, summary)], base runs first."""
     if not loaded:
         return
-    good = [(r, s) for r, s in loaded if summary_complete(s) and not s.get("status")]
+    good = [(r, s) for r, s in loaded if summary_complete(s) and not failed_status(s)]
     ref_run, ref = sorted(good or loaded, key=lambda rs: rs[0].variant != "base")[0]
     ref_keys = set(plan.variant_env(ref_run.variant))
     for run, s in loaded:
@@ -494,7 +499,7 @@ def check_runs(plan, loaded):
                 raise AblationError(f"{where}: variant '{run.variant}' sets {key} but the run's config has no field "
                                     f"{key.lower()}: the variant changed nothing")
         fp, ref_fp = s.get("fingerprint"), ref.get("fingerprint")
-        if (fp is None or s.get("status")) and not summary_complete(s):
+        if (fp is None or failed_status(s)) and not summary_complete(s):
             continue  # a failed run without a fingerprint is listed as failed, never averaged
         if not isinstance(fp, dict) or not isinstance(ref_fp, dict):
             bad = run if not isinstance(fp, dict) else ref_run
