@@ -13,6 +13,8 @@ TINY_RUN = dict(
     LOOP_END=1, PARALLEL_RESIDUAL_START=2, XSA_LAST_N=2, ENABLE_LOOPING_AT=0.5, GPTQ_CALIBRATION_BATCHES=2,
     EVAL_STRIDE=128, TTT_CHUNK_TOKENS=16384, TTT_EPOCHS=1, QUANTIZED_PLAIN_EVAL=1,
     GRAD_ACCUM_BASE=4,  # 1 rank: 4 micro-steps; 2 ranks: 2 each, the first under DDP no_sync
+    # PRESET=frontier's model and optimiser switches, so 2 ranks == 1 rank holds with them on
+    SMEAR_GATE=1, SPARSE_ATTN_GATE=1, PARALLEL_LANES=1, MUON_NS_COEFFS="polar_express", FUSED_CE="chunked",
 )
 
 
