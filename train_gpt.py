@@ -155,6 +155,13 @@ class Hyperparameters:
     matrix_clip_sigmas: float = 12.85
     embed_bits: int = 8
     embed_clip_sigmas: float = 20.0
+    mlp_clip_sigmas: float = -1.0  # -1: MATRIX_CLIP_SIGMAS (the leader: 11.5)
+    attn_clip_sigmas: float = -1.0  # -1: MATRIX_CLIP_SIGMAS (the leader: 13.0)
+    lqer: bool = False  # low-rank int4 correction of the largest GPTQ errors (asymmetric groups)
+    lqer_top_k: int = 3
+    lqer_rank: int = 4
+    lqer_factor_bits: int = 4
+    lqer_group_size: int = 64
     compressor: str = "brotli"
     artifact_path: str = "final_model.int6.ptz"
     size_limit_bytes: int = 16000000
@@ -191,19 +198,23 @@ SHARED_VAL_TEXTS = ("python_peps_created_2024.txt", "gutenberg_84_frankenstein.t
 MINIGOLF_PRESET = dict(
     expected_val_tokens=0, num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8, xsa_last_n=6,
     parallel_residual_start=4, loop_start=2, loop_end=3, num_loops=2,
-    train_seq_len=256, train_batch_tokens=8192, grad_accum_base=2, iterations=160, max_wallclock_seconds=0.0,
+    train_seq_len=256, train_batch_tokens=8192, grad_accum_base=2, iterations=120, max_wallclock_seconds=0.0,
     warmup_steps=2, muon_momentum_warmup_steps=80, ema_decay=0.98, matrix_lr=0.03, embed_lr=0.05,
     val_loss_every=40, train_log_every=20, eval_seq_len=256, eval_stride=64, eval_batch_seqs=32,
     ttt_chunk_tokens=8192, ttt_lr=0.003, sliding_window_enabled=True, gptq_calibration_batches=4,
     quant_min_numel=1024, size_limit_bytes=4000000, artifact_path="",
+    # the frontier techniques, all on (ablations switch them off one at a time)
+    qk_gain_init=5.0, beta2=0.99, muon_momentum=0.97, min_lr=0.1, warmdown_frac=0.85, embed_bits=7,
+    embed_clip_sigmas=14.0, parallel_lanes=True, smear_gate=True, sparse_attn_gate=True,
+    muon_ns_coeffs="polar_express", fused_ce="auto", fused_mlp="auto",
 )
 # The leading entry's values (1.0611, PR #1855; LEADER_STACK.md) where they differ from the record, and its
 # techniques switched on. GPTQ_CALIBRATION_BATCHES counts global batches summed over ranks: 2 = its 16
 # rank-0 batches of 48 sequences.
 FRONTIER_PRESET = dict(
     qk_gain_init=5.0, beta2=0.99, matrix_lr=0.026, muon_momentum=0.97, min_lr=0.1, warmdown_frac=0.85,
-    embed_bits=7, embed_clip_sigmas=14.0, gptq_calibration_batches=2,
-    parallel_residual_start=8, parallel_lanes=True, parallel_final_lane="mean",
+    embed_bits=7, embed_clip_sigmas=14.0, mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0, lqer=True,
+    gptq_calibration_batches=2, parallel_residual_start=8, parallel_lanes=True, parallel_final_lane="mean",
     smear_gate=True, sparse_attn_gate=True, attn_gate_window=12, attn_gate_scale=0.5, attn_gate_init_std=0.0,
     muon_ns_coeffs="polar_express", fused_ce="auto", fused_mlp="auto",
 )
@@ -318,6 +329,10 @@ def validate_config(cfg, world_size):
          f"WEIGHT_AVERAGING={cfg.weight_averaging!r} must be ema, swa or none")
     need(cfg.compressor in ("brotli", "zstd"), f"COMPRESSOR={cfg.compressor!r} must be brotli or zstd")
     need(2 <= cfg.matrix_bits <= 8 and 2 <= cfg.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must be in 2..8")
+    for name in ("mlp_clip_sigmas", "attn_clip_sigmas"):
+        need(getattr(cfg, name) == -1 or getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)} must be > 0 or -1")
+    need(cfg.lqer_top_k >= 0 and cfg.lqer_rank >= 1 and 2 <= cfg.lqer_factor_bits <= 8 and cfg.lqer_group_size >= 2,
+         "LQER_TOP_K >= 0, LQER_RANK >= 1, LQER_FACTOR_BITS in 2..8 and LQER_GROUP_SIZE >= 2 are required")
     need(cfg.compile in ("auto", "0", "1"), f"COMPILE={cfg.compile!r} must be auto, 0 or 1")
     need(cfg.attention_backend in ("auto", "fa3", "fa2", "sdpa", "reference"),
          f"ATTENTION_BACKEND={cfg.attention_backend!r} must be auto, fa3, fa2, sdpa or reference")
@@ -2173,6 +2188,14 @@ def gptq_quantize(W, H, bits, clip_sigmas, block_size=128, damp=0.01):
     return Q[:, torch.argsort(perm)], scales
 
 
+def clip_sigmas_for(cfg, name):
+    """SDClip multiplier of tensor `name`: embedding, MLP and attention groups have their own (-1 = matrix)."""
+    if name == "tok_emb.weight":
+        return cfg.embed_clip_sigmas
+    group = cfg.mlp_clip_sigmas if ".mlp." in name else cfg.attn_clip_sigmas if ".attn." in name else -1
+    return group if group > 0 else cfg.matrix_clip_sigmas
+
+
 def quantize_state(cfg, model, hessians, clip_scale=1.0):
     """Quantise every float tensor with > QUANT_MIN_NUMEL elements (GPTQ); the rest pass through as fp16.
 
@@ -2191,7 +2214,7 @@ def quantize_state(cfg, model, hessians, clip_scale=1.0):
                 raise RuntimeError(f"no calibration Hessian for {name}")
             embed = name == "tok_emb.weight"
             bits = cfg.embed_bits if embed else cfg.matrix_bits
-            k = clip_scale * (cfg.embed_clip_sigmas if embed else cfg.matrix_clip_sigmas)
+            k = clip_scale * clip_sigmas_for(cfg, name)
             q, s = gptq_quantize(t, hessians[name], bits, k, cfg.gptq_block_size, cfg.gptq_damp)
             entry.update(kind="gptq", bits=bits, q=q.cpu(), scale=s.half().cpu())
         elif "attn_gate" in name:  # the sparse gate's weights: int8 per row (absmax scale), not fp16
@@ -2203,15 +2226,91 @@ def quantize_state(cfg, model, hessians, clip_scale=1.0):
     return entries
 
 
+def quantize_asym_groups(x, bits, group):
+    """Asymmetric per-group quantisation of x (flattened, row-major, groups of `group` values): returns
+    (codes uint8 in 0..2^bits-1, fp16 scales, fp16 offsets), x ~ offset + code * scale per group."""
+    flat = x.float().flatten()
+    pad = -flat.numel() % group
+    g = F.pad(flat, (0, pad)).view(-1, group)
+    lo, hi = g.min(dim=1).values, g.max(dim=1).values
+    scale = ((hi - lo) / (2 ** bits - 1)).half().float().clamp_min(2.0 ** -24)
+    offset = lo.half().float()
+    codes = torch.clamp(torch.round((g - offset[:, None]) / scale[:, None]), 0, 2 ** bits - 1)
+    return codes.flatten()[:flat.numel()].to(torch.uint8), scale.half(), offset.half()
+
+
+def dequantize_asym_groups(codes, scale, offset, group, shape):
+    """Inverse of quantize_asym_groups: float32 tensor of `shape`."""
+    pad = -codes.numel() % group
+    g = F.pad(codes.float(), (0, pad)).view(-1, group)
+    return (offset.float()[:, None] + g * scale.float()[:, None]).flatten()[:codes.numel()].view(shape)
+
+
+def lqer_factors(E, H, rank, damp=0.01):
+    """Rank-`rank` factors (A (r,rank), B (rank,c)) minimising ||(E - A B) X^T|| for X^T X = H: the SVD of
+    E L (H = L L^T, damped) truncated, then B = S V^T L^-1 (A = U)."""
+    H = H.double() + damp * torch.diag(H).double().mean() * torch.eye(H.size(0), dtype=torch.float64, device=H.device)
+    L = torch.linalg.cholesky(H)
+    U, S, Vh = torch.linalg.svd(E.double() @ L, full_matrices=False)
+    B = torch.linalg.solve_triangular(L, S[:rank, None] * Vh[:rank], upper=False, left=False)  # X L = S V^T
+    return U[:, :rank].float(), B.float()
+
+
+def h_weighted_error(E, H):
+    """tr(E H E^T): the summed squared output error of weight error E (r,c) on inputs with X^T X = H."""
+    return float(((E.double() @ H.double()) * E.double()).sum())
+
+
+def add_lqer(cfg, state, hessians, entries, log):
+    """LQER: for the LQER_TOP_K GPTQ tensors with the largest H-weighted error, store a rank-LQER_RANK
+    correction of W - Q(W), both factors quantised to LQER_FACTOR_BITS with asymmetric per-group scales and
+    offsets; added back at load (dequantize_entries). Returns entries plus the new 'lqer' entries."""
+    errors = []
+    for e in entries:
+        if e["kind"] == "gptq":
+            W = state[e["name"]].detach().float().cpu()
+            E = W - e["q"].float() * e["scale"].float()[:, None]
+            errors.append((h_weighted_error(E, hessians[e["name"]].cpu()), e["name"], E))
+    out = list(entries)
+    for err, name, E in sorted(errors, key=lambda t: -t[0])[:cfg.lqer_top_k]:
+        H = hessians[name].cpu()
+        A, B = lqer_factors(E, H, cfg.lqer_rank)
+        bits, group = cfg.lqer_factor_bits, cfg.lqer_group_size
+        qa, sa, oa = quantize_asym_groups(A, bits, group)
+        qb, sb, ob = quantize_asym_groups(B, bits, group)
+        entry = dict(name=name + ".lqer", kind="lqer", shape=list(E.shape), dtype="float32", bits=bits,
+                     group=group, rank=cfg.lqer_rank, qa=qa, sa=sa, oa=oa, qb=qb, sb=sb, ob=ob)
+        fixed = E - lqer_correction(entry)
+        log(f"lqer: {name} rank {cfg.lqer_rank} int{bits}: H-weighted error {err:.4g} -> "
+            f"{h_weighted_error(fixed, H):.4g} ({sum(t.numel() * t.element_size() for t in (qa, sa, oa, qb, sb, ob))} "
+            f"raw bytes)")
+        out.append(entry)
+    return out
+
+
+def lqer_correction(e):
+    """The dequantised low-rank correction A B (float32, shape of the corrected tensor) of an 'lqer' entry."""
+    r, c = e["shape"]
+    A = dequantize_asym_groups(e["qa"], e["sa"], e["oa"], e["group"], (r, e["rank"]))
+    B = dequantize_asym_groups(e["qb"], e["sb"], e["ob"], e["group"], (e["rank"], c))
+    return A @ B
+
+
 def dequantize_entries(entries):
     """Rebuild a float state dict (original dtypes) from quantised entries: W = q * scale per row."""
     state = {}
     for e in entries:
         dtype = getattr(torch, e["dtype"])
+        if e["kind"] == "lqer":
+            continue
         if "q" in e:  # gptq or int8row: integer values times a per-row scale
             state[e["name"]] = (e["q"].float() * e["scale"].float()[:, None]).to(dtype)
         else:
             state[e["name"]] = e["data"].to(dtype)
+    for e in entries:  # low-rank corrections on top of their tensors
+        if e["kind"] == "lqer":
+            name = e["name"][:-len(".lqer")]
+            state[name] = (state[name].float() + lqer_correction(e)).to(state[name].dtype)
     return state
 
 
@@ -2219,7 +2318,9 @@ def describe_quantization(entries):
     """Record-style 'Quantized weights:' lines grouping names by treatment with layer indices collapsed."""
     groups = {}
     for e in entries:
-        label = {"gptq": f"gptq (int{e.get('bits')})", "int8row": "int8 per-row"}.get(e["kind"], "passthrough (float16)")
+        label = {"gptq": f"gptq (int{e.get('bits')})", "int8row": "int8 per-row",
+                 "lqer": f"lqer (rank {e.get('rank')}, int{e.get('bits')} asymmetric)"}.get(e["kind"],
+                                                                                       "passthrough (float16)")
         parts = e["name"].split(".")
         name = ".".join(p for i, p in enumerate(parts) if not (i == 1 and parts[0] == "blocks"))
         groups.setdefault(label, set()).add(name)
@@ -2319,7 +2420,7 @@ def prune_count_for(counts, plan, bits_to_save, limit):
     return hi
 
 
-def fit_to_size(cfg, model, hessians, entries, encode, target, log):
+def fit_to_size(cfg, model, hessians, entries, encode, target, log, quantize=None):
     """Return (entries, artifact bytes, info) with len(bytes) <= target: the first artifact if it fits, else
     the cheapest +-1 values zeroed (up to FIT_MAX_PRUNE_FRACTION of all values) and, when that cannot reach
     the target, every clip sigma raised by the entropy estimate and GPTQ rerun. Sizes are always measured by
@@ -2346,7 +2447,7 @@ def fit_to_size(cfg, model, hessians, entries, encode, target, log):
                                    f"MATRIX_CLIP_SIGMAS, lower MATRIX_BITS/EMBED_BITS or shrink the model")
             log(f"size_fit: attempt {attempt}: clip sigmas x{scale:.4f} (pruning alone cannot save "
                 f"{base_size - target} bytes), re-running GPTQ")
-            base = quantize_state(cfg, model, hessians, clip_scale=scale)
+            base = (quantize or (lambda k: quantize_state(cfg, model, hessians, clip_scale=k)))(scale)
             base_size, n, ratio = len(encode(base)), 0, None
             plan, counts = prune_plan(base, state, hessians), level_counts(base)
             continue
@@ -2450,19 +2551,28 @@ def get_compressor(name):
                           f"(no silent fallback: it would change the artifact size)") from None
 
 
+ENTRY_FIELDS = ("name", "kind", "shape", "dtype")
+NP_TYPES = {"int8": np.int8, "uint8": np.uint8, "float16": np.float16}
+
+
 def serialize_entries(entries, arch):
-    """Pack quantised entries and the architecture dict into the uncompressed blob (bytes)."""
+    """Pack quantised entries and the architecture dict into the uncompressed blob (bytes).
+
+    Each entry becomes a JSON row: its fields, small metadata (bits, group, ...) as values, and every tensor
+    as [byte offset, byte length, dtype, shape] into the raw bytes that follow the table."""
     table, chunks, offset = [], [], 0
     for e in entries:
-        row = {k: e[k] for k in ("name", "kind", "shape", "dtype")}
-        parts = [("q", e["q"]), ("scale", e["scale"])] if "q" in e else [("data", e["data"])]
-        if "q" in e:
-            row["bits"] = e["bits"]
-        for key, t in parts:
-            raw = t.contiguous().numpy().tobytes()
-            row[key] = [offset, len(raw), str(t.dtype).replace("torch.", ""), list(t.shape)]
-            chunks.append(raw)
-            offset += len(raw)
+        row = {k: e[k] for k in ENTRY_FIELDS}
+        for key, value in sorted(e.items()):
+            if key in ENTRY_FIELDS:
+                continue
+            if isinstance(value, torch.Tensor):
+                raw = value.contiguous().numpy().tobytes()
+                row[key] = [offset, len(raw), str(value.dtype).replace("torch.", ""), list(value.shape)]
+                chunks.append(raw)
+                offset += len(raw)
+            else:
+                row[key] = value
         table.append(row)
     header = json.dumps({"tensors": table, "arch": arch}, sort_keys=True).encode()
     return BLOB_MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
@@ -2479,20 +2589,21 @@ def deserialize_entries(blob, path="<bytes>"):
         raise ArtifactError(f"{path}: tensor table is not valid JSON") from None
     base = 8 + hlen
     entries = []
-    np_types = {"int8": np.int8, "float16": np.float16}
     for row in header["tensors"]:
-        e = {k: row[k] for k in ("name", "kind", "shape", "dtype")}
-        if "bits" in row:
-            e["bits"] = row["bits"]
-        for key in ("q", "scale", "data"):
-            if key in row:
-                off, length, dtype, shape = row[key]
-                if dtype not in np_types or off < 0 or base + off + length > len(blob) \
-                        or length != np.dtype(np_types[dtype]).itemsize * math.prod(shape):
-                    raise ArtifactError(f"{path}: tensor {row['name']} has a bad dtype, size or offset")
-                arr = np.frombuffer(blob, dtype=np_types[dtype], count=length // np.dtype(np_types[dtype]).itemsize,
-                                    offset=base + off).reshape(shape)
-                e[key] = torch.from_numpy(arr.copy())
+        e = {k: row[k] for k in ENTRY_FIELDS}
+        for key, value in row.items():
+            if key in ENTRY_FIELDS:
+                continue
+            if not (isinstance(value, list) and len(value) == 4 and isinstance(value[2], str)):
+                e[key] = value  # metadata
+                continue
+            off, length, dtype, shape = value
+            if dtype not in NP_TYPES or off < 0 or base + off + length > len(blob) \
+                    or length != np.dtype(NP_TYPES[dtype]).itemsize * math.prod(shape):
+                raise ArtifactError(f"{path}: tensor {row['name']} has a bad dtype, size or offset")
+            arr = np.frombuffer(blob, dtype=NP_TYPES[dtype], count=length // np.dtype(NP_TYPES[dtype]).itemsize,
+                                offset=base + off).reshape(shape)
+            e[key] = torch.from_numpy(arr.copy())
         entries.append(e)
     return entries, header["arch"]
 
@@ -3403,12 +3514,17 @@ def write_and_account(cfg, rt, model, hessians, code_n, code_desc, byte_counter,
     The first artifact is written before any fitting, so a failed fit still leaves it on disk."""
     path, arch = cfg.artifact_path, architecture(cfg)
     t = time.perf_counter()
+    def quantize(clip_scale):
+        """GPTQ at this clip scale, plus the LQER corrections when enabled."""
+        es = quantize_state(cfg, model, hessians, clip_scale)
+        return add_lqer(cfg, model.state_dict(), hessians, es, log) if cfg.lqer else es
+
     with rt.exact_matmul():
-        entries = quantize_state(cfg, model, hessians)
+        entries = quantize(1.0)
     for line in describe_quantization(entries):
         log(line)
     encode = lambda es: encode_artifact(es, arch, cfg.compressor)
-    Progress.note(f"compressing {sum(e.get('q', e.get('data')).numel() for e in entries) / 1e6:.1f}M values "
+    Progress.note(f"compressing {sum(v.numel() for e in entries for v in e.values() if isinstance(v, torch.Tensor)) / 1e6:.1f}M values "
                   f"with {cfg.compressor} (one stream)")
     data = encode(entries)
     write_file_atomically(path, data)
@@ -3421,7 +3537,7 @@ def write_and_account(cfg, rt, model, hessians, code_n, code_desc, byte_counter,
                                f"{cfg.size_limit_bytes} and SIZE_FIT=0: raise MATRIX_CLIP_SIGMAS / lower bits or "
                                f"model size (artifact kept at {path})")
         with rt.exact_matmul():
-            fitted, data, info = fit_to_size(cfg, model, hessians, entries, encode, target, log)
+            fitted, data, info = fit_to_size(cfg, model, hessians, entries, encode, target, log, quantize)
         info["estimated_cost_bpb"] = fit_cost_bpb(cfg, rt, model, entries, fitted, byte_counter, cfg.num_loops > 0)
         n_values = sum(e["q"].numel() for e in entries if e["kind"] == "gptq")
         log(f"size_fit: done: {info['values_zeroed']} values zeroed ({100 * info['values_zeroed'] / n_values:.3f}% "

@@ -674,3 +674,57 @@ def test_packed_copy_builds_the_record_model_like_the_source(tmp_path, packed_sc
         a, b = (re.search(key, logs[n], re.M).group(1) for n in ("src", "packed"))
         assert a == b, key
     assert re.search(r"^model_params:35944536$", logs["packed"], re.M)
+
+
+# ---------------------------------------------------------------------------------------------
+# LQER and per-group clips
+# ---------------------------------------------------------------------------------------------
+
+
+def test_asymmetric_group_quantisation_round_trip():
+    """Codes in 0..15, one fp16 scale/offset per group of 64 (last group ragged), error <= half a step."""
+    x = torch.randn(37, 10, generator=torch.Generator().manual_seed(0)) * 3
+    codes, scale, offset = tg.quantize_asym_groups(x, 4, 64)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15 and scale.numel() == offset.numel() == 6
+    back = tg.dequantize_asym_groups(codes, scale, offset, 64, x.shape)
+    step = scale.float().repeat_interleave(64)[:x.numel()].view(x.shape)
+    assert torch.all((back - x).abs() <= step / 2 + 1e-2 * step + 1e-3)
+
+
+def test_lqer_lowers_the_h_weighted_error_on_real_activations(real_activations):
+    """On real, correlated activations the rank-4 int4 correction of a GPTQ'd matrix lowers its H-weighted
+    output error ||X (W - W_hat)^T||^2, and the H-aware factorisation beats a plain SVD of the error."""
+    X, H = real_activations
+    W = torch.randn(96, 128, generator=torch.Generator().manual_seed(9)) + 0.5 * torch.randn(96, 1) @ torch.randn(1, 128)
+    q, s = tg.gptq_quantize(W, H, 6, 12.85)
+    E = W - q.float() * s[:, None]
+    A, B = tg.lqer_factors(E, H, 4)
+    assert A.shape == (96, 4) and B.shape == (4, 128)
+    base = tg.h_weighted_error(E, H)
+    exact = tg.h_weighted_error(E - A @ B, H)
+    assert exact < 0.95 * base, (base, exact)
+    U, S, Vh = torch.linalg.svd(E.double(), full_matrices=False)
+    plain = tg.h_weighted_error(E - (U[:, :4] * S[:4]) @ Vh[:4], H)
+    assert exact <= plain * 1.0001, (exact, plain)
+    state = {"blocks.0.mlp.fc.weight": W}
+    entries = [dict(name="blocks.0.mlp.fc.weight", kind="gptq", shape=[96, 128], dtype="float32", bits=6, q=q,
+                    scale=s.half())]
+    cfg = tg.Hyperparameters(lqer=True, lqer_top_k=1)
+    lines = []
+    out = tg.add_lqer(cfg, state, {"blocks.0.mlp.fc.weight": H}, entries, lines.append)
+    assert [e["kind"] for e in out] == ["gptq", "lqer"] and "raw bytes" in lines[0]
+    deq = tg.dequantize_entries(out)["blocks.0.mlp.fc.weight"]
+    quantised_factors = tg.h_weighted_error(W - deq, H)
+    assert quantised_factors < 0.97 * tg.h_weighted_error(W - q.float() * s.half().float()[:, None], H)
+    blob = tg.serialize_entries(out, {})  # the new entry kind round-trips through the artifact format
+    back, _ = tg.deserialize_entries(blob)
+    assert torch.equal(tg.dequantize_entries(back)["blocks.0.mlp.fc.weight"], deq)
+
+
+def test_per_group_clip_sigmas():
+    cfg = tg.Hyperparameters(matrix_clip_sigmas=12.85, mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0,
+                             embed_clip_sigmas=14.0)
+    assert tg.clip_sigmas_for(cfg, "blocks.3.mlp.fc.weight") == 11.5
+    assert tg.clip_sigmas_for(cfg, "blocks.3.attn.c_k.weight") == 13.0
+    assert tg.clip_sigmas_for(cfg, "tok_emb.weight") == 14.0
+    assert tg.clip_sigmas_for(tg.Hyperparameters(), "blocks.3.mlp.fc.weight") == 12.85  # -1: the matrix value
