@@ -198,15 +198,15 @@ SHARED_VAL_TEXTS = ("python_peps_created_2024.txt", "gutenberg_84_frankenstein.t
 MINIGOLF_PRESET = dict(
     expected_val_tokens=0, num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8, xsa_last_n=6,
     parallel_residual_start=4, loop_start=2, loop_end=3, num_loops=2,
-    train_seq_len=256, train_batch_tokens=8192, grad_accum_base=2, iterations=120, max_wallclock_seconds=0.0,
+    train_seq_len=256, train_batch_tokens=4096, grad_accum_base=2, iterations=150, max_wallclock_seconds=0.0,
     warmup_steps=2, muon_momentum_warmup_steps=80, ema_decay=0.98, matrix_lr=0.03, embed_lr=0.05,
-    val_loss_every=40, train_log_every=20, eval_seq_len=256, eval_stride=64, eval_batch_seqs=32,
+    val_loss_every=50, train_log_every=25, eval_seq_len=256, eval_stride=64, eval_batch_seqs=32,
     ttt_chunk_tokens=8192, ttt_lr=0.003, sliding_window_enabled=True, gptq_calibration_batches=4,
     quant_min_numel=1024, size_limit_bytes=4000000, artifact_path="",
     # the frontier techniques, all on (ablations switch them off one at a time)
     qk_gain_init=5.0, beta2=0.99, muon_momentum=0.97, min_lr=0.1, warmdown_frac=0.85, embed_bits=7,
-    embed_clip_sigmas=14.0, parallel_lanes=True, smear_gate=True, sparse_attn_gate=True,
-    muon_ns_coeffs="polar_express", fused_ce="auto", fused_mlp="auto",
+    embed_clip_sigmas=14.0, mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0, lqer=True, parallel_lanes=True,
+    smear_gate=True, sparse_attn_gate=True, muon_ns_coeffs="polar_express", fused_ce="auto", fused_mlp="auto",
 )
 # The leading entry's values (1.0611, PR #1855; LEADER_STACK.md) where they differ from the record, and its
 # techniques switched on. GPTQ_CALIBRATION_BATCHES counts global batches summed over ranks: 2 = its 16
