@@ -216,7 +216,7 @@ FRONTIER_PRESET = dict(
     embed_bits=7, embed_clip_sigmas=14.0, mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0, lqer=True,
     gptq_calibration_batches=2, parallel_residual_start=8, parallel_lanes=True, parallel_final_lane="mean",
     smear_gate=True, sparse_attn_gate=True, attn_gate_window=12, attn_gate_scale=0.5, attn_gate_init_std=0.0,
-    muon_ns_coeffs="polar_express", fused_ce="auto", fused_mlp="auto",
+    muon_ns_coeffs="polar_express", fused_ce="auto", fused_mlp="auto", caseops="1",
 )
 PRESETS = {"record": {}, "smoke": SMOKE_PRESET, "minigolf": MINIGOLF_PRESET, "frontier": FRONTIER_PRESET}
 
@@ -366,6 +366,11 @@ def validate_config(cfg, world_size):
 def data_paths(cfg):
     """Return (train_glob, val_glob, tokenizer_path) derived from DATA_DIR/VOCAB_SIZE unless overridden."""
     root = Path(cfg.data_dir)
+    if cfg.caseops == "1" and cfg.preset not in ("smoke", "minigolf"):  # the leader's CaseOps data and tokenizer
+        dataset, tok = f"fineweb10B_sp{cfg.vocab_size}_caseops", f"fineweb_{cfg.vocab_size}_bpe_lossless_caps_caseops_v1_reserved.model"
+        train = cfg.train_files or str(root / "datasets" / dataset / "fineweb_train_*.bin")
+        val = cfg.val_files or str(root / "datasets" / dataset / "fineweb_val_*.bin")
+        return train, val, cfg.tokenizer_path or str(root / "tokenizers" / tok)
     if cfg.preset == "minigolf" and cfg.vocab_size == 8192 and SHARED_TOKENIZER.exists():
         dataset = "minigolf_shared_sp8192"
         train, val = (str(root / "datasets" / dataset / f"fineweb_{s}_*.bin") for s in ("train", "val"))
@@ -3421,7 +3426,7 @@ def barrier(rt):
 
 
 # Scored validation tokens of the canonical FineWeb val split, by (vocab, EVAL_SEQ_LEN), from record logs.
-PUBLISHED_VAL_TOKENS = {(8192, 2048): 40540160}
+PUBLISHED_VAL_TOKENS = {(8192, 2048, False): 40540160, (8192, 2048, True): 47851520}  # (vocab, len, caseops)
 
 
 def prepare_data(cfg, rt, log):
@@ -3450,9 +3455,9 @@ def prepare_data(cfg, rt, log):
             log("WARNING: CASEOPS=0 with a CaseOps tokenizer: BPB counts bytes of the transformed text")
         byte_counter = ByteCounter(build_byte_tables(sp, cfg.vocab_size), rt.device)
     expected = cfg.expected_val_tokens
-    if expected < 0:  # published counts are of the plain tokenizer's val split; none is known for CaseOps
-        known = cfg.preset == "record" and not caseops
-        expected = PUBLISHED_VAL_TOKENS.get((cfg.vocab_size, cfg.eval_seq_len), 0) if known else 0
+    if expected < 0:  # the record's and the leader's logged counts (plain and CaseOps sp8192)
+        known = cfg.preset in ("record", "frontier")
+        expected = PUBLISHED_VAL_TOKENS.get((cfg.vocab_size, cfg.eval_seq_len, caseops), 0) if known else 0
     if expected and n_val != expected:
         raise ConfigError(f"validation set has {n_val} scored tokens but the expected count is {expected} "
                           f"(EXPECTED_VAL_TOKENS): wrong or partial val shards in {val_glob!r} "
