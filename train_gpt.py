@@ -2955,7 +2955,8 @@ def _count_code_bytes(running):
                     f"readable source is {len(running.encode('utf-8'))} bytes)")
 
 
-PREFLIGHT_TOLERANCE = 1.03  # the entropy estimate is within ~1% of the record's real size
+PREFLIGHT_ESTIMATE_ERROR = 0.01  # the entropy estimate is within ~1% of the record's real size
+FIT_HEADROOM = 0.02  # what the size fit absorbs within SIZE_FIT_MAX_BPB (clips x~1.06 at the record's shape)
 
 
 def predicted_artifact_bytes(cfg, model):
@@ -3576,13 +3577,14 @@ def run(cfg, rt, log):
     predicted = predicted_artifact_bytes(cfg, model) + code_bytes()[0]
     log(f"preflight:predicted artifact total ~{predicted} bytes (limit {cfg.size_limit_bytes})")
     report.data.update(model_params=n_params, predicted_bytes_total=predicted)
-    if predicted > PREFLIGHT_TOLERANCE * cfg.size_limit_bytes:
+    allowed = (1 + PREFLIGHT_ESTIMATE_ERROR + (FIT_HEADROOM if cfg.size_fit else 0)) * cfg.size_limit_bytes
+    if predicted > allowed:
         raise ConfigError(f"predicted artifact ~{predicted} bytes exceeds SIZE_LIMIT_BYTES={cfg.size_limit_bytes} "
-                          f"by more than the estimate's error: shrink the model or raise MATRIX_CLIP_SIGMAS / lower "
-                          f"MATRIX_BITS before training")
+                          f"by more than the estimate's error and the size fit's headroom: shrink the model or raise "
+                          f"MATRIX_CLIP_SIGMAS / lower MATRIX_BITS before training")
     if predicted > cfg.size_limit_bytes:
-        log("WARNING: predicted artifact is within the estimate's error of SIZE_LIMIT_BYTES; the real size is "
-            "checked after quantisation")
+        log(f"WARNING: predicted artifact is {predicted - cfg.size_limit_bytes} bytes over SIZE_LIMIT_BYTES; "
+            f"{'the size fit will prune / raise clips after quantisation' if cfg.size_fit else 'SIZE_FIT=0: the run will fail after training'}")
     if cfg.dry_run:
         log("dry_run: config, model and optimizers built; exiting before any data is read")
         build_optimizers(cfg, rt, model)

@@ -728,3 +728,29 @@ def test_per_group_clip_sigmas():
     assert tg.clip_sigmas_for(cfg, "blocks.3.attn.c_k.weight") == 13.0
     assert tg.clip_sigmas_for(cfg, "tok_emb.weight") == 14.0
     assert tg.clip_sigmas_for(tg.Hyperparameters(), "blocks.3.mlp.fc.weight") == 12.85  # -1: the matrix value
+
+
+def test_pre_quant_diagnostic_reuses_the_trainers_eval_function(tmp_path, monkeypatch, cpu_runtime):
+    """export_model scores the post-EMA model with the trainer's (compiled) per-token NLL function it is
+    handed, and builds no new compiled functions (EvalFns) of its own."""
+    gen = torch.Generator().manual_seed(0)
+    tg.write_shard(tmp_path / "train.bin", torch.randint(0, 64, (4000,), generator=gen).numpy())
+    cfg = tiny_config(gptq_calibration_batches=1, artifact_path=str(tmp_path / "m.ptz"), log_dir=str(tmp_path),
+                      run_id="diag")
+    model = ph.perturbed_model(cfg, cpu_runtime)
+    calls = []
+
+    def nll_fn(x, y, looped):
+        calls.append(x.shape)
+        return model.token_nll(x, y, looped)
+
+    monkeypatch.setattr(tg, "EvalFns", lambda *a, **k: pytest.fail("export built its own eval functions"))
+    stats = {"nll_fn": nll_fn, "gptq_reserve_seconds": 1.0, "calibration_projected_seconds": None,
+             "train_time_ms": 0.0}
+    val = ph.random_val_tokens(4 * cfg.eval_seq_len, cfg.vocab_size)
+    counter = tg.ByteCounter(ph.random_byte_tables(cfg.vocab_size), torch.device("cpu"))
+    lines = []
+    tg.export_model(cfg, cpu_runtime, model, [str(tmp_path / "train.bin")], stats, val, counter, lines.append,
+                    tg.Report(cfg, cpu_runtime))
+    assert calls and any(ln.startswith("pre-quantization post-ema val_loss:") for ln in lines)
+    assert "nll_fn" not in stats  # handed over, so the compiled graph is not kept alive after export
