@@ -1802,7 +1802,11 @@ class Trainer:
         if rt.distributed:
             self.net = DDP(model, device_ids=[rt.device.index] if rt.is_cuda else None, broadcast_buffers=False,
                            gradient_as_bucket_view=True, bucket_cap_mb=25)
-        self.loss_fn = torch.compile(self.net, dynamic=False, fullgraph=rt.fullgraph) if rt.compile else self.net
+        # Compiling the DDP wrapper needs fullgraph=False: dynamo steps over DDP's own forward (its bucket
+        # bookkeeping) and compiles the model in bucket-sized subgraphs (DDPOptimizer), which is what lets each
+        # bucket's all-reduce start while the rest of the backward still runs.
+        self.loss_fn = (torch.compile(self.net, dynamic=False, fullgraph=rt.fullgraph and not rt.distributed)
+                        if rt.compile else self.net)
         self.nll_fn = (torch.compile(model.token_nll, dynamic=False, fullgraph=rt.fullgraph) if rt.compile
                        else model.token_nll)
 
