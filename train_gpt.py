@@ -84,6 +84,8 @@ class Hyperparameters:
     parallel_final_lane: str = "mean"  # mean | attn | mlp: the lane(s) that become the final hidden state
     smear_gate: bool = False  # previous-token mixing after the embedding, masked at BOS
     smear_gate_window: int = 12
+    doc_attention: bool = False  # attention only within a document: segments start at BOS (or a row's start)
+    doc_attention_max_docs: int = 64  # documents per row kept apart; later ones share the last (0: no limit)
     sparse_attn_gate: bool = False  # per-head output gate from a narrow window of the attention input
     attn_gate_window: int = 12
     attn_gate_scale: float = 0.5
@@ -361,6 +363,8 @@ def validate_config(cfg, world_size):
     for name, window in (("SMEAR_GATE_WINDOW", cfg.smear_gate_window), ("ATTN_GATE_WINDOW", cfg.attn_gate_window)):
         need(0 < window <= cfg.model_dim, f"{name}={window} must be in 1..MODEL_DIM={cfg.model_dim}")
     need(cfg.caseops in ("auto", "0", "1"), f"CASEOPS={cfg.caseops!r} must be auto, 0 or 1")
+    need(cfg.doc_attention_max_docs >= 0, f"DOC_ATTENTION_MAX_DOCS={cfg.doc_attention_max_docs} must be >= 0 "
+                                          f"(0: every document of a row kept apart)")
 
 
 def data_paths(cfg):
@@ -576,23 +580,31 @@ def setup_runtime(cfg):
         raise ConfigError(f"PRESET=record needs FlashAttention-3 (flash_attn_interface, Hopper) for record step "
                           f"times, but would run {rt.attention_backend}; install FA3 or set ATTENTION_BACKEND="
                           f"{rt.attention_backend} explicitly to accept slower steps")
+    if (cfg.doc_attention and rt.attention_backend in FLASH_MODULES
+            and not hasattr(_FLASH[rt.attention_backend], "flash_attn_varlen_func")):
+        raise ConfigError(f"DOC_ATTENTION=1 on {rt.attention_backend} needs flash_attn_varlen_func, which "
+                          f"{FLASH_MODULES[rt.attention_backend]} lacks; upgrade it or set ATTENTION_BACKEND=sdpa")
     rt.compile = cfg.compile == "1" or (cfg.compile == "auto" and want_cuda)
     if rt.compile:
         torch._dynamo.config.cache_size_limit = 64
         if rt.attention_backend in ("fa3", "fa2"):
-            rt.fullgraph = attention_traces_fullgraph(rt)
+            rt.fullgraph = attention_traces_fullgraph(rt, cfg.doc_attention)
     return rt
 
 
-def attention_traces_fullgraph(rt):
-    """True if dynamo traces the FlashAttention call (forward and backward) without a graph break.
+def attention_traces_fullgraph(rt, doc_attention=False):
+    """True if dynamo traces the FlashAttention call (forward and backward) without a graph break; with
+    doc_attention, the varlen call on a two-document row.
 
     Some FA3 wheels expose an untraceable pybind function; then compile with graph breaks, not crash.
     """
     dt = rt.compute_dtype
     q = torch.randn(1, 16, 2, 64, device=rt.device, dtype=dt, requires_grad=True)
     kv = torch.randn(1, 16, 1, 64, device=rt.device, dtype=dt, requires_grad=True)
-    fn = torch.compile(lambda a, b: attention(a, b, b, rt.attention_backend).float().sum(),
+    ids = torch.zeros(1, 16, dtype=torch.int64, device=rt.device)
+    ids[0, 5] = BOS_ID
+    docs = document_structure(ids, rt.attention_backend) if doc_attention else None
+    fn = torch.compile(lambda a, b: attention(a, b, b, rt.attention_backend, docs).float().sum(),
                        fullgraph=True, backend="eager")
     try:
         fn(q, kv).backward()
@@ -1049,32 +1061,74 @@ def flash_attention(q, k, v, backend):
     return out[0] if isinstance(out, tuple) else out
 
 
-def sdpa_attention(q, k, v):
-    """Causal GQA attention via torch SDPA; same layout contract as flash_attention."""
+def flash_varlen_attention(q, k, v, backend, cu_seqlens):
+    """Document-causal GQA attention via FlashAttention's varlen entry point: q (B,T,H,D), k/v (B,T,Hkv,D),
+    cu_seqlens int32 (S+1,) segment offsets into the flattened B*T tokens -> (B,T,H,D)."""
+    B, T, H, D = q.shape
+    flat = lambda t: t.reshape(B * T, t.size(2), D)
+    # max_seqlen = T, an upper bound known without reading cu_seqlens: no host sync, one static graph
+    out = _FLASH[backend].flash_attn_varlen_func(flat(q), flat(k), flat(v), cu_seqlens_q=cu_seqlens,
+                                                 cu_seqlens_k=cu_seqlens, max_seqlen_q=T, max_seqlen_k=T, causal=True)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.view(B, T, H, D)
+
+
+def sdpa_attention(q, k, v, mask=None):
+    """Causal GQA attention via torch SDPA, or restricted to `mask` (B,1,T,T) bool when given; same layout
+    contract as flash_attention."""
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=True)
+                                       attn_mask=mask, is_causal=mask is None, enable_gqa=True)
     return y.transpose(1, 2)
 
 
-def reference_attention(q, k, v):
-    """Causal GQA attention written out with explicit softmax (the slow ground truth); same contract."""
+def reference_attention(q, k, v, mask=None):
+    """Causal (or `mask` (B,1,T,T) bool) GQA attention written out with explicit softmax (the slow ground
+    truth); same contract."""
     B, T, H, D = q.shape
     group = H // k.size(2)
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / math.sqrt(D)
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     return torch.einsum("bhts,bshd->bthd", probs, v.float()).to(q.dtype)
 
 
-def attention(q, k, v, backend):
-    """Dispatch causal GQA attention to the configured backend; (B,T,H,D) in and out."""
+def document_index(ids, max_docs):
+    """ids (B,T) int64 -> int64 (B,T): each position's document number within its row. A document starts at
+    every BOS and at the row's first position; numbers stop at max_docs-1 (a row's later documents share it)."""
+    starts = (ids == BOS_ID).long()
+    return (starts.cumsum(1) - starts[:, :1]).clamp(max=max_docs - 1)
+
+
+def document_structure(ids, backend, max_docs=0):
+    """ids (B,T) -> what `backend` needs to keep documents apart (built once per forward, shared by all
+    layers): cu_seqlens int32 (B*N+1,) for FlashAttention varlen, else a bool mask (B,1,T,T) = causal AND
+    same document. N = max_docs (0: T) slots per row; a row's unused slots repeat its end offset."""
+    B, T = ids.shape
+    n = max_docs or T
+    doc = document_index(ids, n)
+    # Fixed slots per row keep cu_seqlens' shape static under torch.compile (no host sync) and never let a
+    # segment cross rows (rows are different eval windows). The cap bounds the empty segments the kernels
+    # walk; a row over it merges its last documents, identically on every backend. The mask path holds one
+    # (B,1,T,T) bool per forward (~200 MB at 48 x 2048 on CUDA without FlashAttention).
+    if backend in FLASH_MODULES:
+        slots = torch.arange(n, device=ids.device).expand(B, n).contiguous()
+        starts = torch.searchsorted(doc, slots) + T * torch.arange(B, device=ids.device)[:, None]
+        return F.pad(starts.flatten(), (0, 1), value=B * T).to(torch.int32)
+    causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
+
+
+def attention(q, k, v, backend, docs=None):
+    """Dispatch causal GQA attention to the configured backend; (B,T,H,D) in and out. With `docs` (from
+    document_structure for the same backend) a query sees only keys of its own document."""
     if backend in ("fa3", "fa2"):
-        return flash_attention(q, k, v, backend)
+        return flash_attention(q, k, v, backend) if docs is None else flash_varlen_attention(q, k, v, backend, docs)
     if backend == "sdpa":
-        return sdpa_attention(q, k, v)
-    return reference_attention(q, k, v)
+        return sdpa_attention(q, k, v, docs)
+    return reference_attention(q, k, v, docs)
 
 
 def exclusive_self_attention(y, v):
@@ -1137,8 +1191,8 @@ class CausalSelfAttention(nn.Module):
         self.backend = backend
         self.attn_gate = HeadGate(cfg) if cfg.sparse_attn_gate else None
 
-    def forward(self, x, cos, sin):
-        """x (B,T,D) -> (B,T,D)."""
+    def forward(self, x, cos, sin, docs=None):
+        """x (B,T,D) -> (B,T,D); docs: GPT.hidden's document structure (None: plain causal)."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -1147,7 +1201,7 @@ class CausalSelfAttention(nn.Module):
         k = apply_partial_rope(rms_norm(k), cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         q, k = q.to(v.dtype), k.to(v.dtype)
-        y = attention(q, k, v, self.backend)
+        y = attention(q, k, v, self.backend, docs)
         if self.use_xsa:
             y = exclusive_self_attention(y, v)
         if self.attn_gate is not None:
@@ -1415,24 +1469,24 @@ class Block(nn.Module):
         self.ln_s = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
         self.parallel = layer_idx >= cfg.parallel_residual_start
 
-    def forward(self, x, x0, cos, sin):
+    def forward(self, x, x0, cos, sin, docs=None):
         """x, x0 (B,T,D) -> (B,T,D)."""
         mix = self.resid_mix.to(x.dtype)
         x_in = mix[0] * x + mix[1] * x0
-        a = self.attn(rms_norm(x_in) * self.ln_s, cos, sin)
+        a = self.attn(rms_norm(x_in) * self.ln_s, cos, sin, docs)
         if self.parallel:
             m = self.mlp(rms_norm(x_in) * self.ln_s)
             return x_in + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * m
         x1 = x_in + self.attn_scale.to(x.dtype) * a
         return x1 + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x1) * self.ln_s)
 
-    def forward_lanes(self, lanes, x0, cos, sin, resid, mix):
+    def forward_lanes(self, lanes, x0, cos, sin, resid, mix, docs=None):
         """Two-lane parallel layer: attention reads lane A (after the x0 mix), the MLP reads lane B, and each
         lane l becomes resid[l] * itself + mix[l,0] * attention + mix[l,1] * MLP. lanes: pair of (B,T,D)."""
         a, b = lanes
         rm, resid, mix = self.resid_mix.to(a.dtype), resid.to(a.dtype), mix.to(a.dtype)
         a_in = rm[0] * a + rm[1] * x0
-        att = self.attn_scale.to(a.dtype) * self.attn(rms_norm(a_in) * self.ln_s, cos, sin)
+        att = self.attn_scale.to(a.dtype) * self.attn(rms_norm(a_in) * self.ln_s, cos, sin, docs)
         mlp = self.mlp_scale.to(a.dtype) * self.mlp(rms_norm(b) * self.ln_s)
         return (resid[0] * a_in + mix[0, 0] * att + mix[0, 1] * mlp,
                 resid[1] * b + mix[1, 0] * att + mix[1, 1] * mlp)
@@ -1457,7 +1511,7 @@ class GPT(nn.Module):
     def __init__(self, cfg, backend="sdpa", fused_ce="off", fused_mlp="off"):
         super().__init__()
         self.cfg = cfg
-        self.fused_ce = fused_ce
+        self.backend, self.fused_ce = backend, fused_ce
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.blocks = nn.ModuleList(Block(cfg, i, backend, fused_mlp) for i in range(cfg.num_layers))
         enc, dec = layer_layout(cfg, looped=cfg.num_loops > 0)
@@ -1486,7 +1540,11 @@ class GPT(nn.Module):
     def hidden(self, ids, looped=False):
         """ids (B,T) int64 -> final RMS-normalised hidden states (B,T,D)."""
         T = ids.size(1)
+        # RoPE keeps row positions under DOC_ATTENTION too: q.k depends only on the offset t-s, so restarting
+        # positions at each BOS would not change attention within a document.
         cos, sin = rope_tables(T, self.cfg.rope_dims, self.cfg.rope_base, self.cfg.train_seq_len, ids.device)
+        docs = (document_structure(ids, self.backend, self.cfg.doc_attention_max_docs)
+                if self.cfg.doc_attention else None)
         x = rms_norm(self.tok_emb(ids).float()).to(self.stream_dtype)  # bf16 stream on CUDA, as the record
         if self.smear is not None:
             x = self.smear(x, ids)
@@ -1494,12 +1552,12 @@ class GPT(nn.Module):
         encoder, decoder = self.layouts[bool(looped)]
         stack = []
         for i in encoder:
-            x = self.blocks[i](x, x0, cos, sin)
+            x = self.blocks[i](x, x0, cos, sin, docs)
             stack.append(x)
         for k, i in enumerate(decoder):
             if k < self.num_skips and stack:
                 x = self.skip(k, x, stack.pop())
-            x = self.layer(i, x, x0, cos, sin)
+            x = self.layer(i, x, x0, cos, sin, docs)
         if isinstance(x, tuple):  # two lanes: the configured final lane (or their mean)
             x = {"attn": x[0], "mlp": x[1]}.get(self.cfg.parallel_final_lane, 0.5 * (x[0] + x[1]))
         return rms_norm(x)
@@ -1514,12 +1572,12 @@ class GPT(nn.Module):
         g = torch.sigmoid(self.skip_gates[k]).to(x.dtype)
         return g * x + (1 - g) * s
 
-    def layer(self, i, x, x0, cos, sin):
+    def layer(self, i, x, x0, cos, sin, docs=None):
         """Physical layer i on the stream x (a tensor, or the pair of lanes in a two-lane parallel layer)."""
         if self.lanes is None or i < self.cfg.parallel_residual_start:
-            return self.blocks[i](x, x0, cos, sin)
+            return self.blocks[i](x, x0, cos, sin, docs)
         lanes = x if isinstance(x, tuple) else (x, x)
-        return self.blocks[i].forward_lanes(lanes, x0, cos, sin, self.lanes.resid[i], self.lanes.mix[i])
+        return self.blocks[i].forward_lanes(lanes, x0, cos, sin, self.lanes.resid[i], self.lanes.mix[i], docs)
 
     def raw_logits(self, ids, looped=False):
         """ids (B,T) -> pre-softcap logits (B,T,V) through the tied embedding, in the matmul dtype."""
@@ -1557,7 +1615,8 @@ def flops_per_token(model, looped, seq_len):
     Forward: 2 FLOPs per weight of every matrix a token passes through (each block's 2-D weights once per
     visit of that layer in the virtual depth, the tied LM head once; the embedding lookup is free), plus
     attention's QK^T and PV, 2 x 2 x heads x head_dim per context position, with causal masking counted at
-    the average context seq_len/2. Elementwise work (norms, RoPE, XSA, activations, gate sigmoids) is not
+    the average context seq_len/2 (an upper bound under DOC_ATTENTION=1, where a query sees only its own
+    document). Elementwise work (norms, RoPE, XSA, activations, gate sigmoids) is not
     counted. Returns {"matmul", "attention", "total"} in FLOPs per token."""
     encoder, decoder = model.layouts[bool(looped)]
     weights, attention = model.tok_emb.weight.numel(), 0.0
