@@ -2575,7 +2575,9 @@ ARTIFACT_VERSION = 1
 COMPRESSORS = {"brotli": 1, "zstd": 2}
 ARCH_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                "xsa_last_n", "parallel_residual_start", "skip_gates_enabled", "loop_start", "loop_end",
-               "num_loops", "ln_scale")
+               "num_loops", "ln_scale", "logit_softcap", "doc_attention", "doc_attention_max_docs", "smear_gate",
+               "smear_gate_window", "sparse_attn_gate", "attn_gate_window", "attn_gate_scale", "parallel_lanes",
+               "parallel_final_lane")
 
 
 class ArtifactError(ValueError):
