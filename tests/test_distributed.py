@@ -106,3 +106,20 @@ def test_successful_two_rank_runs_always_exit_zero(smoke_data_dir, tmp_path):
         assert proc.returncode == 0, out[-3000:]
         assert "terminate called" not in out and "SIGABRT" not in out and "FAILED" not in out
         assert summary(run_dir, f"exit{i}")["results"]["quantized"]["val_bpb"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_ddp_two_ranks_train_like_eager_one_rank(paired_runs, smoke_data_dir, tmp_path):
+    """The record's launch mode: torch.compile + DDP (bucketed, no_sync accumulation) on 2 ranks gives the
+    1-rank eager run's per-step losses (1e-4 relative), with no recompiles once the clock runs. (Compiling the
+    DDP wrapper with fullgraph=True fails inside dynamo: a regression test for the first GPU run.)"""
+    env = dict(TINY_RUN, DATA_DIR=smoke_data_dir, RUN_ID="cddp", COMPILE=1, ARTIFACT_PATH=tmp_path / "m.ptz",
+               TTT_ENABLED=0, SLIDING_WINDOW_ENABLED=0)
+    proc = run_script(env, tmp_path, nproc=2, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compiled = summary(tmp_path, "cddp")
+    eager = paired_runs["w1"][0]["train_losses"]
+    assert len(compiled["train_losses"]) == len(eager) == 20
+    for (s1, l1), (s2, l2) in zip(eager, compiled["train_losses"]):
+        assert s1 == s2 and abs(l1 - l2) <= 1e-4 * abs(l1), (s1, l1, l2)
+    assert compiled["recompiles_in_loop"] == 0
