@@ -141,6 +141,9 @@ class Hyperparameters:
     sliding_window_enabled: bool = False  # TTT re-scores every window itself; 1 adds the diagnostic pass
     eval_budget_seconds: float = 600.0
     eval_only: str = ""
+    float_checkpoint: str = ""  # path (or "auto": ARTIFACT_PATH + .float.pt): also save the post-EMA weights
+    # and Hessians, for export-only ablations (EXPORT_FROM)
+    export_from: str = ""  # path of such a checkpoint: skip training, re-export and evaluate it
     # test-time training
     ttt_enabled: bool = True
     ttt_chunk_tokens: int = 32768
@@ -292,6 +295,8 @@ def load_config(environ=None):
         cfg.run_id = f"{preset}_{uuid.uuid4().hex[:12]}"
     if not cfg.artifact_path:
         cfg.artifact_path = str(Path(cfg.log_dir) / f"{cfg.run_id}.int6.ptz")
+    if cfg.float_checkpoint == "auto":
+        cfg.float_checkpoint = cfg.artifact_path + ".float.pt"
     return cfg
 
 
@@ -3537,11 +3542,17 @@ def export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, l
     log("GPTQ:collecting Hessians from calibration data...")
     rt.sync()
     t = time.perf_counter()
-    loader = TrainLoader(cfg, rt, train_files)
-    hessians = collect_hessians(rt, model, (loader.next_batch() for _ in range(cfg.gptq_calibration_batches)),
-                                looped, total=cfg.gptq_calibration_batches)
+    hessians = stats.pop("hessians", None)  # EXPORT_FROM: collected by the run that trained the weights
+    if hessians is None:
+        loader = TrainLoader(cfg, rt, train_files)
+        hessians = collect_hessians(rt, model, (loader.next_batch() for _ in range(cfg.gptq_calibration_batches)),
+                                    looped, total=cfg.gptq_calibration_batches)
     rt.sync()
     hess_s = time.perf_counter() - t
+    if cfg.float_checkpoint and rt.is_main:
+        Path(cfg.float_checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": model.state_dict(), "hessians": hessians}, cfg.float_checkpoint)
+        log(f"float_checkpoint: post-EMA weights and {len(hessians)} Hessians saved to {cfg.float_checkpoint}")
     reserve = stats["gptq_reserve_seconds"]
     log(f"GPTQ:collected {len(set(id(h) for h in hessians.values()))} Hessians "
         f"({len(hessians)} matrices) in {hess_s:.1f}s (reserve {reserve:.1f}s)")
@@ -3631,6 +3642,17 @@ def write_and_account(cfg, rt, model, hessians, code_n, code_desc, byte_counter,
     report.flush()
 
 
+def export_and_evaluate(cfg, rt, model, train_files, stats, val_tokens, byte_counter, log, report):
+    """Everything after training: calibration, export, then evaluation of the artifact on every rank."""
+    post_train_t0 = time.perf_counter()
+    path = export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, log, report)
+    del model
+    rt.empty_cache()
+    run_evaluation(cfg, rt, path, val_tokens, byte_counter, log, report)
+    report["post_training_seconds"] = round(time.perf_counter() - post_train_t0, 3)
+    log(f"post_training:total {report['post_training_seconds']:.1f}s from end of training to final score")
+
+
 def run(cfg, rt, log):
     """The whole pipeline for one rank: data -> model -> train -> export -> evaluate -> summary."""
     report = Report(cfg, rt)
@@ -3666,6 +3688,15 @@ def run(cfg, rt, log):
     if cfg.eval_only:
         log(f"eval_only: scoring {cfg.eval_only}")
         run_evaluation(cfg, rt, cfg.eval_only, val_tokens, byte_counter, log, report)
+    elif cfg.export_from:
+        log(f"export_from: {cfg.export_from} (post-EMA weights and Hessians of an earlier run; no training)")
+        if not Path(cfg.export_from).is_file():
+            raise ConfigError(f"EXPORT_FROM={cfg.export_from} does not exist (write one with FLOAT_CHECKPOINT=path)")
+        ckpt = torch.load(cfg.export_from, map_location=rt.device, weights_only=True)
+        model.load_state_dict(ckpt["state"])
+        stats = {"train_time_ms": 0.0, "gptq_reserve_seconds": 0.0, "calibration_projected_seconds": None,
+                 "nll_fn": EvalFns(model, rt).nll, "hessians": ckpt["hessians"]}
+        export_and_evaluate(cfg, rt, model, train_files, stats, val_tokens, byte_counter, log, report)
     else:
         try:
             stats = train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log)
@@ -3683,13 +3714,7 @@ def run(cfg, rt, log):
                                    "train_columns": ["step", "train_ms", "loss", "lr_mul", "looped"],
                                    "val_columns": ["step", "train_ms", "val_loss", "val_bpb"]})
         report.flush()
-        post_train_t0 = time.perf_counter()
-        path = export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, log, report)
-        del model
-        rt.empty_cache()
-        run_evaluation(cfg, rt, path, val_tokens, byte_counter, log, report)
-        report["post_training_seconds"] = round(time.perf_counter() - post_train_t0, 3)
-        log(f"post_training:total {report['post_training_seconds']:.1f}s from end of training to final score")
+        export_and_evaluate(cfg, rt, model, train_files, stats, val_tokens, byte_counter, log, report)
     if "legality" in report:
         report["compliance"] = {"score_first_ttt": bool(cfg.ttt_enabled),
                                 "scored_exactly_once": report["legality"]["scored_exactly_once"],

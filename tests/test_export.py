@@ -754,3 +754,22 @@ def test_pre_quant_diagnostic_reuses_the_trainers_eval_function(tmp_path, monkey
                     tg.Report(cfg, cpu_runtime))
     assert calls and any(ln.startswith("pre-quantization post-ema val_loss:") for ln in lines)
     assert "nll_fn" not in stats  # handed over, so the compiled graph is not kept alive after export
+
+
+def test_export_from_a_float_checkpoint_reproduces_the_run(tmp_path, tmp_path_factory, tiny_run):
+    """FLOAT_CHECKPOINT=auto saves the post-EMA weights and Hessians; EXPORT_FROM on them (no training)
+    writes the same artifact bytes and scores the same numbers as the run that trained them."""
+    data_dir, small_val, _ = ph.smoke_data(tmp_path_factory)
+    env = ph.tiny_run_env(data_dir, small_val, tmp_path, "ck")
+    env["FLOAT_CHECKPOINT"] = "auto"
+    ph.run_script(ph.SCRIPT, env, cwd=tmp_path)
+    ckpt = tmp_path / "model.ptz.float.pt"
+    assert ckpt.exists()
+    env2 = ph.tiny_run_env(data_dir, small_val, tmp_path / "again", "ex")
+    env2["EXPORT_FROM"] = str(ckpt)
+    ph.run_script(ph.SCRIPT, env2, cwd=tmp_path)
+    a, b = (tmp_path / "ck.txt").read_text(), (tmp_path / "again" / "ex.txt").read_text()
+    assert "train_loss" not in b.split("export_from:")[1]
+    for name in ("pre-quantization post-ema", "quantized", "quantized_sliding_window", "quantized_ttt"):
+        assert ph.metric(a, name) == ph.metric(b, name), name
+    assert (tmp_path / "model.ptz").read_bytes() == (tmp_path / "again" / "model.ptz").read_bytes()

@@ -13,6 +13,7 @@ Inherited env vars that name a config field are dropped, so only the plan config
 `--iterations N` is a step budget (ITERATIONS=N, MAX_WALLCLOCK_SECONDS=0: reproducible on CPU);
 `--train-tokens T` sets ITERATIONS=ceil(T / TRAIN_BATCH_TOKENS) per run (with MAX_WALLCLOCK_SECONDS=0).
 A plan can live in a file of arguments, one per line (`# comments` allowed): `python3 tools/ablate.py @plan.args`.
+`{seed}` in any env value is replaced by the run's seed (e.g. EXPORT_FROM=<dir>/base_s{seed}.float.pt).
 
 Resuming.  A run whose summary exists is never rerun. A run is failed when its summary has a `status`
 (diverged, export_failed), has no final evaluation, or the process exited non-zero (<RUN_ID>.meta.json records
@@ -206,8 +207,8 @@ class Plan:
                     raise AblationError(f"TRAIN_BATCH_TOKENS={env['TRAIN_BATCH_TOKENS']!r} is not an integer") from None
                 env.update(ITERATIONS=str(iterations_for_tokens(self.train_tokens, tbt)))
                 env.setdefault("MAX_WALLCLOCK_SECONDS", "0")
-            for seed in self.seeds:
-                runs.append(Run(self, label, seed, dict(env)))
+            for seed in self.seeds:  # "{seed}" in a value becomes the run's seed (e.g. EXPORT_FROM per seed)
+                runs.append(Run(self, label, seed, {k: v.replace("{seed}", str(seed)) for k, v in env.items()}))
         self.runs = runs
         return runs
 
