@@ -20,6 +20,7 @@ import lzma
 import math
 import os
 import platform
+import re
 import shutil
 import struct
 import subprocess
@@ -28,6 +29,7 @@ import tempfile
 import time
 import traceback
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,6 +214,7 @@ MINIGOLF_PRESET = dict(
     qk_gain_init=5.0, beta2=0.99, muon_momentum=0.97, min_lr=0.1, warmdown_frac=0.85, embed_bits=7,
     embed_clip_sigmas=14.0, mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0, lqer=True, parallel_lanes=True,
     smear_gate=True, sparse_attn_gate=True, muon_ns_coeffs="polar_express", fused_ce="auto", fused_mlp="auto",
+    compressor="pergroup",
 )
 # The leading entry's values (1.0611, PR #1855; LEADER_STACK.md) where they differ from the record, and its
 # techniques switched on. GPTQ_CALIBRATION_BATCHES counts global batches summed over ranks: 2 = its 16
@@ -221,7 +224,7 @@ FRONTIER_PRESET = dict(
     embed_bits=7, embed_clip_sigmas=14.0, mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0, lqer=True,
     gptq_calibration_batches=2, parallel_residual_start=8, parallel_lanes=True, parallel_final_lane="mean",
     smear_gate=True, sparse_attn_gate=True, attn_gate_window=12, attn_gate_scale=0.5, attn_gate_init_std=0.0,
-    muon_ns_coeffs="polar_express", fused_ce="auto", fused_mlp="auto", caseops="1",
+    muon_ns_coeffs="polar_express", fused_ce="auto", fused_mlp="auto", caseops="1", compressor="pergroup",
 )
 PRESETS = {"record": {}, "smoke": SMOKE_PRESET, "minigolf": MINIGOLF_PRESET, "frontier": FRONTIER_PRESET}
 
@@ -334,7 +337,7 @@ def validate_config(cfg, world_size):
          f"TTT_CHUNK_TOKENS={cfg.ttt_chunk_tokens} must be a multiple of EVAL_SEQ_LEN={cfg.eval_seq_len}")
     need(cfg.weight_averaging in ("ema", "swa", "none"),
          f"WEIGHT_AVERAGING={cfg.weight_averaging!r} must be ema, swa or none")
-    need(cfg.compressor in ("brotli", "zstd"), f"COMPRESSOR={cfg.compressor!r} must be brotli or zstd")
+    need(cfg.compressor in COMPRESSORS, f"COMPRESSOR={cfg.compressor!r} must be one of {sorted(COMPRESSORS)}")
     need(2 <= cfg.matrix_bits <= 8 and 2 <= cfg.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must be in 2..8")
     for name in ("mlp_clip_sigmas", "attn_clip_sigmas"):
         need(getattr(cfg, name) == -1 or getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)} must be > 0 or -1")
@@ -2576,8 +2579,9 @@ def fit_cost_bpb(cfg, rt, model, before, after, byte_counter, looped, n_seqs=8):
 # Nothing on the load path unpickles, so a hostile file cannot execute code.
 ARTIFACT_MAGIC = b"PGQA"
 BLOB_MAGIC = b"PGQT"
-ARTIFACT_VERSION = 1
-COMPRESSORS = {"brotli": 1, "zstd": 2}
+ARTIFACT_VERSION = 2  # 2: int8 per-row gates, LQER entries, the per-group compressor; 1 is still read
+READABLE_VERSIONS = (1, 2)
+COMPRESSORS = {"brotli": 1, "zstd": 2, "pergroup": 3}
 ARCH_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                "xsa_last_n", "parallel_residual_start", "skip_gates_enabled", "loop_start", "loop_end",
                "num_loops", "ln_scale", "logit_softcap", "doc_attention", "doc_attention_max_docs", "smear_gate",
@@ -2683,10 +2687,207 @@ def deserialize_entries(blob, path="<bytes>"):
     return entries, header["arch"]
 
 
+# --- per-group compression: GPTQ integers by role through an interleaved rANS coder ------------------
+# Each role group (attention q/o, k/v, MLP up, MLP down, embedding) has its members' integer rows stacked and
+# coded with a static order-0 model (the integers are close to i.i.d. after SDClip: order-0 sits at their
+# entropy, brotli 1-1.5 % above it; bench/results/codec_study.md); the embedding may instead code each row
+# as its values or its difference to the row above (rarely used tokens' rows are near-duplicates), whichever
+# is smaller. Everything else (scales, small tensors, the table) is the usual blob, byte-planed and brotli'd.
+# Payload = b"PGQG" | u32 directory length | brotli(split_planes(blob without the grouped integers)) |
+#           JSON group list length u32 + JSON | group streams.
+GROUP_MAGIC = b"PGQG"
+RANS_PREC, RANS_LOW, RANS_LANES = 16, 1 << 16, 256  # frequencies sum to 2^16; states in [2^16, 2^32)
+GROUP_ROLES = {"attn.c_q.weight": "attn_qo", "attn.proj.weight": "attn_qo", "attn.c_k.weight": "attn_kv",
+               "attn.c_v.weight": "attn_kv", "mlp.fc.weight": "mlp_up", "mlp.proj.weight": "mlp_down",
+               "tok_emb.weight": "embed"}
+
+
+def normalize_freqs(counts):
+    """(K, A) symbol counts -> int64 frequencies summing to 2^RANS_PREC per row, >= 1 where a count is > 0."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total, n = 1 << RANS_PREC, counts.sum(1, keepdims=True)
+    f = np.where(counts > 0, np.maximum(1, counts * total // np.maximum(n, 1)), 0)
+    f[n[:, 0] == 0, 0] = total
+    f[np.arange(len(f)), f.argmax(1)] += total - f.sum(1)  # the slack goes to each row's commonest symbol
+    return f
+
+
+def rans_encode(sym, ctx, freqs):
+    """Interleaved rANS of sym (steps, lanes) with lane l at step t coded by freqs[ctx[t, l]]: final
+    states (lanes x u32) then the 16-bit renormalisation words in decoding order."""
+    cum = np.concatenate([np.zeros((len(freqs), 1), np.int64), np.cumsum(freqs, 1)[:, :-1]], 1)
+    x = np.full(sym.shape[1], RANS_LOW, dtype=np.uint64)
+    words, shift = [b""] * len(sym), np.uint64(32 - RANS_PREC)
+    for t in range(len(sym) - 1, -1, -1):
+        f, c = freqs[ctx[t], sym[t]].astype(np.uint64), cum[ctx[t], sym[t]].astype(np.uint64)
+        big = x >= (f << shift)
+        words[t] = (x[big] & np.uint64(0xFFFF)).astype("<u2").tobytes()
+        x[big] >>= np.uint64(16)
+        x = ((x // f) << np.uint64(RANS_PREC)) + x % f + c
+    return x.astype("<u4").tobytes() + b"".join(words)
+
+
+def rans_decode(data, ctx, freqs):
+    """Inverse of rans_encode for contexts ctx (steps, lanes) -> symbols (steps, lanes) int64."""
+    steps, lanes = ctx.shape
+    if len(data) < 4 * lanes or (len(data) - 4 * lanes) % 2:
+        raise ArtifactError("rANS stream truncated")
+    lut = np.stack([np.repeat(np.arange(freqs.shape[1]), f) for f in freqs])
+    cum = np.concatenate([np.zeros((len(freqs), 1), np.int64), np.cumsum(freqs, 1)[:, :-1]], 1).astype(np.uint64)
+    fu = freqs.astype(np.uint64)
+    x = np.frombuffer(data, "<u4", lanes).astype(np.uint64)
+    words = np.frombuffer(data, "<u2", offset=4 * lanes).astype(np.uint64)
+    out, pos, mask = np.empty((steps, lanes), np.int64), 0, np.uint64((1 << RANS_PREC) - 1)
+    for t in range(steps):
+        slot = x & mask
+        sym = lut[ctx[t], slot.astype(np.int64)]
+        out[t] = sym
+        x = fu[ctx[t], sym] * (x >> np.uint64(RANS_PREC)) + slot - cum[ctx[t], sym]
+        low = x < RANS_LOW
+        n = int(np.count_nonzero(low))
+        if n:
+            if pos + n > words.size:
+                raise ArtifactError("rANS stream truncated")
+            x[low] = (x[low] << np.uint64(16)) | words[pos:pos + n]
+            pos += n
+    if pos != words.size or not np.all(x == RANS_LOW):
+        raise ArtifactError("rANS stream does not end in its start state (corrupted)")
+    return out
+
+
+def lane_layout(rows, cols):
+    """(steps, lanes): a row of `cols` values is coded as cols/RANS_LANES steps of RANS_LANES lanes when that
+    divides, else one lane per column."""
+    fold = cols // RANS_LANES if cols % RANS_LANES == 0 and cols > RANS_LANES else 1
+    return rows * fold, cols // fold
+
+
+def encode_ints(q, bits, rowdiff):
+    """rANS stream of an int matrix (rows, cols) in +-(2^(bits-1)-1); rowdiff: each row coded as its values
+    or as its difference to the row above (a mode bit per row, chosen by estimated cost)."""
+    qmax = 2 ** (bits - 1) - 1
+    s = q.astype(np.int64) + qmax
+    rows, cols = s.shape
+    mode = np.zeros(rows, np.uint8)
+    if rowdiff:
+        diff = np.concatenate([s[:1] * 0, np.diff(s, axis=0)]) + 2 * qmax
+        plain_bits = -np.log2(np.bincount(s.ravel(), minlength=4 * qmax + 1) / s.size + 1e-12)
+        diff_bits = -np.log2(np.bincount(diff.ravel(), minlength=4 * qmax + 1) / diff.size + 1e-12)
+        mode = (diff_bits[diff].sum(1) < plain_bits[s].sum(1)).astype(np.uint8)
+        mode[0] = 0
+        s = np.where(mode[:, None] == 1, diff, s)
+    steps, lanes = lane_layout(rows, cols)
+    sym = s.reshape(steps, lanes)
+    ctx = np.repeat(mode.astype(np.int64), steps // rows)[:, None].repeat(lanes, 1)
+    alphabet = 4 * qmax + 1 if rowdiff else 2 * qmax + 1
+    counts = np.bincount((ctx * alphabet + sym).ravel(), minlength=2 * alphabet).reshape(2, alphabet)
+    table = brotli_compress(np.packbits(mode).tobytes() + counts.astype("<u4").tobytes())
+    return struct.pack("<BI", int(rowdiff), len(table)) + table + rans_encode(sym, ctx, normalize_freqs(counts))
+
+
+def encode_group_ints(q, bits, embed):
+    """The smallest stream of a group: rANS order-0; for the embedding also rANS with row differences and
+    brotli on the raw integers (a leading byte 2), which can exploit its near-duplicate rows; brotli too for
+    small groups. (Large block-matrix groups are close to i.i.d.: there rANS order-0 is the smaller, so
+    brotli's ~1 MB/s is not spent on them.)"""
+    candidates = [encode_ints(q, bits, False)]
+    if embed:
+        candidates.append(encode_ints(q, bits, True))
+    if embed or q.size <= 1 << 20:  # small groups: rANS's per-lane states and table can outweigh its gain
+        candidates.append(b"\x02" + brotli_compress(q.astype(np.int8).tobytes()))
+    return min(candidates, key=len)
+
+
+def decode_ints(data, rows, cols, bits):
+    """Inverse of encode_group_ints / encode_ints -> int8 (rows, cols); ArtifactError on malformed input."""
+    import brotli
+    qmax = 2 ** (bits - 1) - 1
+    if data[:1] == b"\x02":
+        raw = np.frombuffer(brotli.decompress(data[1:]), np.int8)
+        if raw.size != rows * cols or (raw.size and np.abs(raw.astype(np.int64)).max() > qmax):
+            raise ArtifactError("brotli group has the wrong size or range")
+        return raw.reshape(rows, cols).copy()
+    rowdiff, tlen = struct.unpack("<BI", data[:5])
+    table = brotli.decompress(data[5:5 + tlen])
+    nmode = (rows + 7) // 8
+    alphabet = 4 * qmax + 1 if rowdiff else 2 * qmax + 1
+    mode = np.unpackbits(np.frombuffer(table[:nmode], np.uint8))[:rows].astype(np.int64)
+    counts = np.frombuffer(table[nmode:], "<u4")
+    if counts.size != 2 * alphabet or mode.size != rows:
+        raise ArtifactError("group count table has the wrong size")
+    steps, lanes = lane_layout(rows, cols)
+    ctx = np.repeat(mode, steps // rows)[:, None].repeat(lanes, 1)
+    s = rans_decode(data[5 + tlen:], ctx, normalize_freqs(counts.reshape(2, alphabet))).reshape(rows, cols)
+    for r in np.nonzero(mode)[0]:  # undo the row differences top-down
+        s[r] = s[r] - 2 * qmax + s[r - 1]
+    if s.size and (s.min() < 0 or s.max() > 2 * qmax):
+        raise ArtifactError("decoded value out of range (corrupted group)")
+    return (s - qmax).astype(np.int8)
+
+
+def brotli_compress(data):
+    """brotli quality 11 with the largest window."""
+    import brotli
+    return brotli.compress(data, quality=11, lgwin=24)
+
+
+def encode_pergroup(entries, arch):
+    """Per-group payload: the GPTQ integers of each role group as one rANS stream, the rest as a brotli'd
+    byte-planed blob (serialize_entries without those integers)."""
+    groups = {}
+    for i, e in enumerate(entries):
+        if e["kind"] == "gptq":
+            role = GROUP_ROLES.get(re.sub(r"^blocks\.\d+\.", "", e["name"]), e["name"])
+            groups.setdefault(f"{role}:{e['bits']}:{e['shape'][1]}", []).append(i)
+    rest = [{k: v for k, v in e.items() if not (e["kind"] == "gptq" and k == "q")} for e in entries]
+    directory = brotli_compress(byte_shuffle(serialize_entries(rest, arch)))
+    table, streams = [], []
+    for key, members in groups.items():
+        q = np.concatenate([entries[i]["q"].numpy() for i in members])
+        stream = encode_group_ints(q, entries[members[0]]["bits"], embed=key.startswith("embed"))
+        table.append({"key": key, "members": members, "length": len(stream), "crc32": zlib.crc32(q.tobytes())})
+        streams.append(stream)
+    meta = json.dumps(table, sort_keys=True).encode()
+    return (GROUP_MAGIC + struct.pack("<I", len(directory)) + directory + struct.pack("<I", len(meta)) + meta
+            + b"".join(streams))
+
+
+def decode_pergroup(payload, path):
+    """Inverse of encode_pergroup -> (entries, arch); ArtifactError naming `path` on anything malformed."""
+    import brotli
+    try:
+        if payload[:4] != GROUP_MAGIC:
+            raise ArtifactError("bad per-group magic")
+        (dlen,) = struct.unpack("<I", payload[4:8])
+        entries, arch = deserialize_entries(byte_unshuffle(brotli.decompress(payload[8:8 + dlen])), path)
+        pos = 8 + dlen
+        (mlen,) = struct.unpack("<I", payload[pos:pos + 4])
+        pos += 4 + mlen
+        for g in json.loads(payload[pos - mlen:pos].decode()):
+            members = [entries[i] for i in g["members"]]
+            rows = [e["shape"][0] for e in members]
+            q = decode_ints(payload[pos:pos + g["length"]], sum(rows), members[0]["shape"][1], members[0]["bits"])
+            if zlib.crc32(q.tobytes()) != g["crc32"]:
+                raise ArtifactError(f"group {g['key']} fails its crc32")
+            for e, part in zip(members, np.split(q, np.cumsum(rows)[:-1])):
+                e["q"] = torch.from_numpy(np.ascontiguousarray(part))
+            pos += g["length"]
+        if pos != len(payload):
+            raise ArtifactError("trailing bytes after the last group")
+        return entries, arch
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    except Exception as e:  # hostile bytes: one clear error, never a traceback from deep inside
+        raise ArtifactError(f"{path}: per-group payload does not decode ({type(e).__name__}: {e})") from None
+
+
 def encode_artifact(entries, arch, compressor):
-    """The artifact file's bytes: header, sha256, compressed byte-shuffled blob."""
-    compress, _ = get_compressor(compressor)
-    payload = compress(byte_shuffle(serialize_entries(entries, arch)))
+    """The artifact file's bytes: header, sha256, payload (per-group streams, or one compressed blob)."""
+    if compressor == "pergroup":
+        payload = encode_pergroup(entries, arch)
+    else:
+        compress, _ = get_compressor(compressor)
+        payload = compress(byte_shuffle(serialize_entries(entries, arch)))
     head = ARTIFACT_MAGIC + struct.pack("<HBBQ", ARTIFACT_VERSION, COMPRESSORS[compressor], 0, len(payload))
     return head + hashlib.sha256(payload).digest() + payload
 
@@ -2720,8 +2921,9 @@ def read_artifact(path, data=None):
     if len(data) < 48:
         raise ArtifactError(f"{path} is truncated (header incomplete)")
     version, comp_id, _, length = struct.unpack("<HBBQ", data[4:16])
-    if version != ARTIFACT_VERSION:
-        raise ArtifactError(f"{path} has format version {version}; this script reads {ARTIFACT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise ArtifactError(f"{path} has format version {version}; this script reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))} (written by a newer train_gpt.py?)")
     payload = data[48:]
     if len(payload) != length:
         raise ArtifactError(f"{path} is truncated or padded: payload {len(payload)} bytes, header says {length}")
@@ -2730,6 +2932,8 @@ def read_artifact(path, data=None):
     names = {v: k for k, v in COMPRESSORS.items()}
     if comp_id not in names:
         raise ArtifactError(f"{path} names unknown compressor id {comp_id}")
+    if names[comp_id] == "pergroup":
+        return decode_pergroup(payload, path)
     _, decompress = get_compressor(names[comp_id])
     try:
         return deserialize_entries(byte_unshuffle(decompress(payload)), path)
