@@ -2,6 +2,7 @@
 record, the leader's parameter count, SmearGate's BOS mask, the sparse attention gate, the two-lane parallel
 decoder and the Polar Express Newton-Schulz schedule."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -257,3 +258,42 @@ def test_muon_uses_the_configured_schedule(cpu_runtime):
     assert muon.ns_coeffs == tg.NS_COEFFS["polar_express"]
     with pytest.raises(tg.ConfigError, match="MUON_NS_COEFFS"):
         tg.validate_config(tiny_config(muon_ns_coeffs="cubic"), 1)
+
+
+# --------------------------------------------------------------------------------------------
+# PRESET=frontier end to end
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def frontier_run(tmp_path_factory):
+    """PRESET=frontier on the smoke corpus at a small shape (CaseOps off: the smoke tokenizer has no case
+    pieces), every stage: (log text, summary)."""
+    import json
+    data_dir, small_val, tok = ph.smoke_data(tmp_path_factory)
+    run_dir = tmp_path_factory.mktemp("frontier_run")
+    env = ph.tiny_run_env(data_dir, small_val, run_dir, "frontier")
+    cfg = tg.load_config({"PRESET": "smoke", "DATA_DIR": str(data_dir)})
+    train_glob, _, _ = tg.data_paths(cfg)
+    env.update(PRESET="frontier", CASEOPS="0", VOCAB_SIZE="1024", TRAIN_FILES=train_glob, TOKENIZER_PATH=str(tok),
+               EXPECTED_VAL_TOKENS="0", PARALLEL_RESIDUAL_START="2", MAX_WALLCLOCK_SECONDS="0",
+               QUANT_MIN_NUMEL="1024", SIZE_LIMIT_BYTES="4000000", GPTQ_CALIBRATION_BATCHES="1", LQER_TOP_K="2")
+    ph.run_script(ph.SCRIPT, env, cwd=run_dir)
+    return (run_dir / "frontier.txt").read_text(), json.loads((run_dir / "frontier.summary.json").read_text())
+
+
+def test_frontier_preset_runs_every_stage_legally(frontier_run):
+    """Every frontier switch is on in the run, every stage ran, the per-group compressor wrote the artifact,
+    LQER corrected tensors, and both legality lines are True."""
+    log, summary = frontier_run
+    cfg = summary["config"]
+    for key, want in (("smear_gate", True), ("sparse_attn_gate", True), ("parallel_lanes", True), ("lqer", True),
+                      ("muon_ns_coeffs", "polar_express"), ("compressor", "pergroup"), ("embed_bits", 7)):
+        assert cfg[key] == want, key
+    for pattern in (r"^warmup:restored weights bit-exactly", r"^GPTQ:collected", r"^lqer: blocks\.",
+                    r"^Serialized model quantized\+pergroup: \d+ bytes", r"^quantized val_loss:",
+                    r"^quantized_sliding_window val_loss:", r"^quantized_ttt\S* val_loss:"):
+        assert re.search(pattern, log, re.M), pattern
+    lines = ph.legality_lines(log)
+    assert len(lines) >= 2 and all(once == before == "True" for _, once, before in lines)
+    assert summary["status"] == "ok" and summary["model_params"] > 0
