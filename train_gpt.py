@@ -153,6 +153,19 @@ class Hyperparameters:
     ttt_momentum: float = 0.9
     ttt_epochs: int = 3
     ttt_grad_clip: float = 1.0
+    ttt_mode: str = "sgd"  # sgd: the record's chunked SGD TTT | lora_phased: per-document LoRA + phased global SGD
+    lora_rank: int = 80  # per-document adapters (lora_phased), trained with Adam(beta1 0) + L2 weight decay
+    lora_lr: float = 1e-4
+    lora_beta2: float = 0.99
+    lora_wd: float = 0.5
+    lora_chunk_tokens: int = 48  # each chunk of a document is scored, then trained on
+    lora_batch_docs: int = 64  # documents adapted in parallel (rows of one batch)
+    lora_targets: str = "q,k,v,o,mlp,head"  # of q, k, v, o, up, down, mlp (= up,down), head (tied LM head)
+    ttt_phase_docs: str = "833,1666,2500"  # document counts after which a global SGD pass updates the base
+    ttt_global_lr: float = 0.001
+    ttt_global_momentum: float = 0.9
+    ttt_global_epochs: int = 1
+    ttt_global_chunk_tokens: int = 32768  # one SGD step per chunk of whole documents (TTT_GRAD_CLIP applies)
     # export
     gptq_calibration_batches: int = 8  # global batches, summed over ranks: the record's 64 x 48 seqs
     gptq_block_size: int = 128
@@ -215,6 +228,8 @@ MINIGOLF_PRESET = dict(
     embed_clip_sigmas=14.0, mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0, lqer=True, parallel_lanes=True,
     smear_gate=True, sparse_attn_gate=True, muon_ns_coeffs="polar_express", fused_ce="auto", fused_mlp="auto",
     compressor="pergroup",
+    # TTT_MODE=lora_phased at CPU size (~30 val documents); the preset keeps the record's SGD TTT
+    lora_rank=8, lora_chunk_tokens=32, lora_batch_docs=8, ttt_phase_docs="8,16", ttt_global_chunk_tokens=8192,
 )
 # The leading entry's values (1.0611, PR #1855; LEADER_STACK.md) where they differ from the record, and its
 # techniques switched on. GPTQ_CALIBRATION_BATCHES counts global batches summed over ranks: 2 = its 16
@@ -225,6 +240,9 @@ FRONTIER_PRESET = dict(
     gptq_calibration_batches=2, parallel_residual_start=8, parallel_lanes=True, parallel_final_lane="mean",
     smear_gate=True, sparse_attn_gate=True, attn_gate_window=12, attn_gate_scale=0.5, attn_gate_init_std=0.0,
     muon_ns_coeffs="polar_express", fused_ce="auto", fused_mlp="auto", caseops="1", compressor="pergroup",
+    ttt_mode="lora_phased", lora_rank=80, lora_lr=1e-4, lora_beta2=0.99, lora_wd=0.5, lora_chunk_tokens=48,
+    lora_batch_docs=64, lora_targets="q,k,v,o,mlp,head", ttt_phase_docs="833,1666,2500", ttt_global_lr=0.001,
+    ttt_global_momentum=0.9, ttt_global_epochs=1, ttt_global_chunk_tokens=32768,
 )
 PRESETS = {"record": {}, "smoke": SMOKE_PRESET, "minigolf": MINIGOLF_PRESET, "frontier": FRONTIER_PRESET}
 
@@ -234,6 +252,38 @@ FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_A
 # Names that other Parameter Golf scripts read and this one does not: a run command using them is wrong.
 KNOWN_ALIASES = {"DATA_PATH": "DATA_DIR (or TRAIN_FILES/VAL_FILES)", "EVAL_ONLY_PATH": "EVAL_ONLY",
                  "TIED_EMBED_LR": "EMBED_LR", "QUANTIZED_MODEL_PATH": "ARTIFACT_PATH"}
+
+
+# LORA_TARGETS names -> (submodule of each Block, linear) or the tied LM head; "mlp" = up and down.
+LORA_LINEARS = {"q": ("attn", "c_q"), "k": ("attn", "c_k"), "v": ("attn", "c_v"), "o": ("attn", "proj"),
+                "up": ("mlp", "fc"), "down": ("mlp", "proj")}
+LORA_ALIASES = {"mlp": ("up", "down")}
+
+
+def lora_target_list(spec):
+    """LORA_TARGETS string -> ordered unique names of LORA_LINEARS plus "head"; ConfigError if unknown/empty."""
+    names = []
+    for raw in spec.split(","):
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if name not in LORA_LINEARS and name not in LORA_ALIASES and name != "head":
+            raise ConfigError(f"LORA_TARGETS={spec!r}: unknown target {name!r}; use q, k, v, o, up, down, mlp, head")
+        names += [n for n in LORA_ALIASES.get(name, (name,)) if n not in names]
+    if not names:
+        raise ConfigError(f"LORA_TARGETS={spec!r} names no target")
+    return names
+
+
+def phase_doc_counts(spec):
+    """TTT_PHASE_DOCS string -> strictly increasing positive document counts ("" = no global pass)."""
+    try:
+        counts = [int(t) for t in spec.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"TTT_PHASE_DOCS={spec!r} must be comma-separated integers") from None
+    if any(c <= 0 for c in counts) or any(b <= a for a, b in zip(counts, counts[1:])):
+        raise ConfigError(f"TTT_PHASE_DOCS={spec!r} must be strictly increasing positive document counts")
+    return counts
 
 
 def parse_env_value(name, raw, typ):
@@ -373,6 +423,20 @@ def validate_config(cfg, world_size):
     need(cfg.caseops in ("auto", "0", "1"), f"CASEOPS={cfg.caseops!r} must be auto, 0 or 1")
     need(cfg.doc_attention_max_docs >= 0, f"DOC_ATTENTION_MAX_DOCS={cfg.doc_attention_max_docs} must be >= 0 "
                                           f"(0: every document of a row kept apart)")
+    need(cfg.ttt_mode in ("sgd", "lora_phased"), f"TTT_MODE={cfg.ttt_mode!r} must be sgd or lora_phased")
+    for name in ("lora_rank", "lora_chunk_tokens", "lora_batch_docs", "ttt_global_chunk_tokens"):
+        need(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)} must be positive")
+    need(cfg.lora_lr >= 0 and cfg.lora_wd >= 0, f"LORA_LR={cfg.lora_lr} and LORA_WD={cfg.lora_wd} must be >= 0")
+    need(0 <= cfg.lora_beta2 < 1, f"LORA_BETA2={cfg.lora_beta2} must be in [0, 1)")
+    need(cfg.ttt_global_lr >= 0, f"TTT_GLOBAL_LR={cfg.ttt_global_lr} must be >= 0")
+    need(0 <= cfg.ttt_global_momentum < 1, f"TTT_GLOBAL_MOMENTUM={cfg.ttt_global_momentum} must be in [0, 1)")
+    need(cfg.ttt_global_epochs >= 0, f"TTT_GLOBAL_EPOCHS={cfg.ttt_global_epochs} must be >= 0 (0: no global pass)")
+    lora_target_list(cfg.lora_targets)
+    phase_doc_counts(cfg.ttt_phase_docs)
+    if cfg.ttt_mode == "lora_phased":
+        need(cfg.lora_chunk_tokens <= cfg.eval_seq_len,
+             f"LORA_CHUNK_TOKENS={cfg.lora_chunk_tokens} must be <= EVAL_SEQ_LEN={cfg.eval_seq_len} (the window "
+             f"that scores a chunk ends at the chunk and holds at most EVAL_SEQ_LEN tokens)")
 
 
 def data_paths(cfg):
@@ -1171,15 +1235,25 @@ def apply_partial_rope(x, cos, sin):
     return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
 
 
+def low_rank_delta(x, adapter):
+    """Per-row low-rank term (x A_b^T) B_b^T: x (R,T,in), adapter (A (R,r,in), B (R,out,r)) -> (R,T,out)."""
+    A, B = adapter
+    return torch.matmul(torch.matmul(x, A.transpose(1, 2).to(x.dtype)), B.transpose(1, 2).to(x.dtype))
+
+
 class CastedLinear(nn.Linear):
-    """Bias-free linear whose fp32 master weight is cast to the activation dtype at use."""
+    """Bias-free linear whose fp32 master weight is cast to the activation dtype at use; plus, while LoRA TTT
+    has set `lora` (A, B), the per-row low-rank term of low_rank_delta."""
+
+    lora = None
 
     def __init__(self, fan_in, fan_out):
         super().__init__(fan_in, fan_out, bias=False)
 
     def forward(self, x):
         """x (..., fan_in) -> (..., fan_out) in x's dtype."""
-        return F.linear(x, self.weight.to(x.dtype))
+        y = F.linear(x, self.weight.to(x.dtype))
+        return y if self.lora is None else y + low_rank_delta(x, self.lora)
 
 
 class CausalSelfAttention(nn.Module):
@@ -1371,7 +1445,7 @@ class FusedLeakyReluSquare(torch.autograd.Function):
 
 def leaky_relu_sq_up(fc, x, impl):
     """Dispatch leaky_relu(fc(x), 0.5)^2 for x (..., K) and CastedLinear fc (N,K) -> (..., N); impl: off or triton."""
-    if impl != "triton":
+    if impl != "triton" or fc.lora is not None:  # the fused kernel knows no LoRA term
         return F.leaky_relu(fc(x), negative_slope=0.5).square()
     dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     act = FusedLeakyReluSquare.apply(x.reshape(-1, x.size(-1)).to(dt), fc.weight.to(dt))
@@ -1516,6 +1590,8 @@ def layer_layout(cfg, looped):
 class GPT(nn.Module):
     """The record's GPT; forward(ids, targets, looped) -> mean CE, token_nll -> per-token NLL."""
 
+    head_lora = None  # (A, B) of the tied LM head while LoRA TTT runs (see CastedLinear.lora)
+
     def __init__(self, cfg, backend="sdpa", fused_ce="off", fused_mlp="off"):
         super().__init__()
         self.cfg = cfg
@@ -1590,7 +1666,8 @@ class GPT(nn.Module):
     def raw_logits(self, ids, looped=False):
         """ids (B,T) -> pre-softcap logits (B,T,V) through the tied embedding, in the matmul dtype."""
         h = self.hidden(ids, looped)
-        return F.linear(h, self.tok_emb.weight.to(h.dtype))
+        z = F.linear(h, self.tok_emb.weight.to(h.dtype))
+        return z if self.head_lora is None else z + low_rank_delta(h, self.head_lora)
 
     def logits(self, ids, looped=False):
         """ids (B,T) -> softcapped fp32 logits (B,T,V)."""
@@ -3315,31 +3392,49 @@ class LegalityLedger:
 
     verify() proves, across ranks: each position in [0, total) was scored exactly once, and no position
     was scored under weights already updated on a chunk containing it or any later position.
+
+    LoRA TTT also tags each span with its document and the number of steps that document's adapter had taken
+    when it scored the span, and records every adapter step (document, steps after it, trained positions
+    [lo, hi)). verify() then also proves that no span was scored by an adapter that had trained on it or on a
+    later position, and that every adapter trained only on positions of its own document.
     """
 
     def __init__(self, total):
-        self.total, self.scores, self.updates = total, [], []
+        self.total, self.scores, self.updates, self.adapter_steps = total, [], [], []
 
-    def record_scores(self, lo, hi, version):
-        """Note that positions [lo_i, hi_i) were scored under weight version `version`."""
+    def record_scores(self, lo, hi, version, doc=-1, adapter_step=0):
+        """Note that positions [lo_i, hi_i) were scored under weight version `version` (and, for LoRA TTT, by
+        document doc_i's adapter after adapter_step_i steps; scalars broadcast)."""
         lo = np.asarray(lo, dtype=np.int64)
-        self.scores.append(np.stack([lo, np.asarray(hi, dtype=np.int64), np.full_like(lo, version)], axis=1))
+        cols = [lo, np.asarray(hi, dtype=np.int64), np.full_like(lo, version),
+                np.broadcast_to(np.asarray(doc, dtype=np.int64), lo.shape),
+                np.broadcast_to(np.asarray(adapter_step, dtype=np.int64), lo.shape)]
+        self.scores.append(np.stack(cols, axis=1))
 
     def record_update(self, version_after, max_position):
         """Note that the step producing `version_after` trained on positions up to `max_position`."""
         self.updates.append((int(version_after), int(max_position)))
 
+    def record_adapter_steps(self, doc, step_after, lo, hi):
+        """Note that document doc_i's adapter reached step `step_after` by training on positions [lo_i, hi_i)."""
+        doc = np.asarray(doc, dtype=np.int64)
+        self.adapter_steps.append(np.stack([doc, np.full_like(doc, step_after), np.asarray(lo, dtype=np.int64),
+                                            np.asarray(hi, dtype=np.int64)], axis=1))
+
     def verify(self, rt):
-        """Gather all ranks' records and return {positions, scored_exactly_once, score_before_update}."""
-        local = (np.concatenate(self.scores) if self.scores else np.zeros((0, 3), np.int64), self.updates)
+        """Gather all ranks' records and return {positions, scored_exactly_once, score_before_update, ...}; with
+        LoRA records also adapter_steps, global_/adapter_score_before_update and adapter_within_document."""
+        local = (np.concatenate(self.scores) if self.scores else np.zeros((0, 5), np.int64), self.updates,
+                 np.concatenate(self.adapter_steps) if self.adapter_steps else np.zeros((0, 4), np.int64))
         parts = [local]
         if rt.distributed:
             parts = [None] * rt.world_size
             dist.all_gather_object(parts, local)
         scores = np.concatenate([p[0] for p in parts])
         updates = sorted(u for p in parts for u in p[1])
+        adapters = np.concatenate([p[2] for p in parts])
         order = np.argsort(scores[:, 0], kind="stable")
-        lo, hi, ver = scores[order, 0], scores[order, 1], scores[order, 2]
+        lo, hi, ver, doc, step = (scores[order, i] for i in range(5))
         once = bool(len(lo) > 0 and lo[0] == 0 and hi[-1] == self.total and np.all(hi > lo)
                     and np.all(lo[1:] == hi[:-1]))
         before = True
@@ -3349,8 +3444,41 @@ class LegalityLedger:
             idx = np.searchsorted(versions, ver, side="right")
             seen = np.where(idx > 0, trained_max[np.maximum(idx - 1, 0)], -1)
             before = bool(np.all(seen < lo))
-        return {"positions": int(self.total), "scored_exactly_once": once, "score_before_update": before,
-                "scored_tokens": int((hi - lo).sum()), "updates": len(set(u[0] for u in updates))}
+        result = {"positions": int(self.total), "scored_exactly_once": once, "score_before_update": before,
+                  "scored_tokens": int((hi - lo).sum()), "updates": len(set(u[0] for u in updates))}
+        if len(adapters) or np.any(doc >= 0):
+            adapter_before, within = adapter_legality(lo, hi, doc, step, adapters, self.total)
+            result.update(score_before_update=before and adapter_before, global_score_before_update=before,
+                          adapter_score_before_update=adapter_before, adapter_within_document=within,
+                          adapter_steps=int(len(adapters)))
+        return result
+
+
+def adapter_legality(lo, hi, doc, step, adapters, total):
+    """(score_before_update, within_document) of LoRA records: spans (lo, hi, doc, step) sorted by lo, adapter
+    steps rows (doc, step_after, lo, hi). A span scored by doc d's adapter after a steps must lie after every
+    position trained by d's steps 1..a; each step must train a non-empty run of spans tagged with its doc."""
+    if len(adapters) == 0:
+        return True, True
+    a_doc, a_step, a_lo, a_hi = adapters.T
+    order = np.lexsort((a_step, a_doc))
+    a_doc, a_step, a_lo, a_hi = a_doc[order], a_step[order], a_lo[order], a_hi[order]
+    span = int(max(a_step.max(), step.max(initial=0))) + 1
+    keys = a_doc * span + a_step
+    offset = a_doc * (total + 1)  # cumulative max per document: groups are sorted and offsets separate them
+    seen_by_step = np.maximum.accumulate(a_hi - 1 + offset) - offset
+    tagged = doc >= 0
+    idx = np.searchsorted(keys, doc * span + step, side="right") - 1
+    hit = tagged & (idx >= 0) & (a_doc[np.maximum(idx, 0)] == doc)
+    seen = np.where(hit, seen_by_step[np.maximum(idx, 0)], -1)
+    before = bool(np.all(seen < lo))
+    run = np.concatenate([[0], np.cumsum(doc[1:] != doc[:-1])])  # spans of one document in a row share a run
+    i0 = np.searchsorted(lo, a_lo, side="right") - 1
+    i1 = np.searchsorted(lo, a_hi - 1, side="right") - 1
+    j0, j1 = np.maximum(i0, 0), np.maximum(i1, 0)
+    within = bool(len(lo) > 0 and np.all((a_hi > a_lo) & (i0 >= 0) & (a_hi <= hi[j1]) & (doc[j0] == a_doc)
+                                         & (run[j0] == run[j1])))
+    return before, within
 
 
 def legality_line(result):
@@ -3451,17 +3579,349 @@ def eval_ttt(cfg, rt, model, loss_fn, nll_fn, val_tokens, byte_counter, looped, 
     return (sums[0] / sums[1]).item(), (sums[0] / (sums[2] * math.log(2))).item(), info
 
 
+# --- phased score-first TTT with per-document LoRA (TTT_MODE=lora_phased) ------------------------------------
+# A document starts at each BOS (and at position 0) and owns positions [start, end) up to the next one (its last
+# position predicts the next BOS). Each is cut into LORA_CHUNK_TOKENS chunks; chunk k (document positions
+# [kC, e), e = (k+1)C) is scored by one forward pass over the document's tokens [max(0, e - EVAL_SEQ_LEN), e)
+# (right-padded to a bucket length; padding is never scored or trained on and never holds a later token), so
+# documents longer than EVAL_SEQ_LEN slide within themselves and every token sees at least
+# EVAL_SEQ_LEN - LORA_CHUNK_TOKENS of its own document's earlier tokens, never another document's. That forward
+# pass is scored first; then its mean NLL over the chunk trains the document's adapter one Adam step, so chunk
+# k is scored by an adapter trained on chunks 0..k-1 of its own document only. Documents are split into phases
+# at TTT_PHASE_DOCS; after each phase but the last a global SGD pass trains the base weights on every document
+# scored so far (the prefix), and later phases are scored on the updated base, each with fresh adapters.
+
+LORA_MAX_BUCKETS = 7  # distinct window lengths of the LoRA forward, i.e. compiled graphs per direction
+LORA_GUARD_MIN_BATCHES = 4  # batches adapted before the eval-budget projection may stop adaptation
+
+
+def split_documents(tokens):
+    """(starts, ends) int64 of the documents of the scored positions `tokens` (numpy, one per position):
+    a document starts at position 0 and at every BOS; it ends where the next starts (or at len(tokens))."""
+    starts = np.union1d([0], np.flatnonzero(tokens == BOS_ID)).astype(np.int64)
+    return starts, np.append(starts[1:], len(tokens)).astype(np.int64)
+
+
+def plan_phases(n_docs, spec):
+    """Document-index bounds [0, c_1, ..., n_docs] of the phases from TTT_PHASE_DOCS (counts >= n_docs dropped)."""
+    return [0] + [c for c in phase_doc_counts(spec) if c < n_docs] + [n_docs]
+
+
+def rank_batches(doc_ids, lengths, rows, rt):
+    """This rank's batches (arrays of at most `rows` document ids) of one phase: the phase's documents sorted by
+    length (longest first, ties by id) and dealt round-robin to ranks; every rank gets the same batch count
+    (trailing batches may be empty) so the budget guard's collectives line up."""
+    order = doc_ids[np.lexsort((doc_ids, -lengths[doc_ids]))]
+    mine = order[rt.rank::rt.world_size]
+    n_batches = -(-(-(-len(doc_ids) // rt.world_size)) // rows)
+    return [mine[i * rows:(i + 1) * rows] for i in range(n_batches)]
+
+
+def lora_window_buckets(chunk, seq_len):
+    """Window lengths the LoRA forward uses: chunk * 2^j below seq_len, then seq_len (the longest kept)."""
+    sizes, w = [], chunk
+    while w < seq_len:
+        sizes.append(w)
+        w *= 2
+    return (sizes + [seq_len])[-LORA_MAX_BUCKETS:]
+
+
+def lora_window(k, chunk, seq_len, buckets):
+    """(s, e, W) of chunk k: it scores document positions [k*chunk, e) from the window [s, s + W), W >= e - s."""
+    e = (k + 1) * chunk
+    s = max(0, e - seq_len)
+    return s, e, min(b for b in buckets if b >= e - s)
+
+
+def lora_batch_work(max_len, chunk, seq_len, buckets):
+    """Relative cost of one batch whose longest document has max_len positions: the summed window lengths."""
+    return sum(lora_window(k, chunk, seq_len, buckets)[2] for k in range(-(-int(max_len) // chunk)))
+
+
+class LoraBank:
+    """Per-document LoRA adapters for `rows` documents at once on the LORA_TARGETS of `model`.
+
+    A target weight W (out, in) gets A (rows, r, in) and B (rows, out, r); row b computes x W^T + (x A_b^T) B_b^T
+    (scale 1, no alpha/r factor: Adam's step size sets the scale). reset() returns every row to A = A0, one fixed
+    seeded draw U(+-1/sqrt(in)) per target shared by all documents and ranks, and B = 0, the identity, so a
+    document's adapter never depends on the row, batch or rank it ran in."""
+
+    def __init__(self, model, targets, rank, rows, seed):
+        self.rows, self.sites = rows, []  # sites: (object, attribute, A0, A, B)
+        gen = torch.Generator().manual_seed(seed)
+        device = model.tok_emb.weight.device
+        for name in targets:
+            if name == "head":
+                owners = [(model, "head_lora", model.tok_emb.weight)]
+            else:
+                part, attr = LORA_LINEARS[name]
+                owners = [(lin, "lora", lin.weight) for lin in (getattr(getattr(b, part), attr) for b in model.blocks)]
+            for obj, attr, weight in owners:
+                fan_out, fan_in = weight.shape
+                a0 = ((torch.rand(rank, fan_in, generator=gen) * 2 - 1) / math.sqrt(fan_in)).to(device)
+                A = torch.zeros(rows, rank, fan_in, device=device, requires_grad=True)
+                B = torch.zeros(rows, fan_out, rank, device=device, requires_grad=True)
+                self.sites.append((obj, attr, a0, A, B))
+        self.reset()
+
+    def params(self):
+        """Every adapter tensor (leaves the LoRA optimizer updates)."""
+        return [t for site in self.sites for t in site[3:]]
+
+    @torch.no_grad()
+    def reset(self):
+        """Every row back to A = A0, B = 0 (a fresh adapter: the model's output is the base model's)."""
+        for _, _, a0, A, B in self.sites:
+            A.copy_(a0.expand_as(A))
+            B.zero_()
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Context in which the target linears and the tied head add their rows' low-rank terms."""
+        for obj, attr, _, A, B in self.sites:
+            setattr(obj, attr, (A, B))
+        try:
+            yield self
+        finally:
+            for obj, attr, *_ in self.sites:
+                setattr(obj, attr, None)
+
+
+def lora_optimizer(cfg, params):
+    """Adam for adapters: beta1 0, beta2 LORA_BETA2, eps ADAM_EPS, LORA_WD as L2 decay added to the gradient
+    (torch Adam's weight_decay, not AdamW's decoupled decay); created fresh, without state, for every batch."""
+    return torch.optim.Adam(params, lr=cfg.lora_lr, betas=(0.0, cfg.lora_beta2), eps=cfg.adam_eps,
+                            weight_decay=cfg.lora_wd)
+
+
+@contextlib.contextmanager
+def frozen_parameters(model):
+    """Context with every base parameter's requires_grad off (LoRA backward computes adapter grads only)."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def lora_score_batch(cfg, rt, nll_fn, bank, tokens, byte_counter, looped, docs, starts, ends, sums, ledger, version,
+                     adapt, per_position=None):
+    """Score documents `docs` (at most bank.rows; bank installed) chunk by chunk under base version `version`,
+    each with its own adapter, reset first. With `adapt`, right after chunk k is scored the adapter of every
+    document that has a later chunk takes one Adam step on chunk k's mean NLL. Adds (nll, count, bytes) to
+    `sums` like score_windows; returns the number of document-steps taken."""
+    C, L, R = cfg.lora_chunk_tokens, cfg.eval_seq_len, bank.rows
+    buckets = lora_window_buckets(C, L)
+    docs = np.asarray(docs, dtype=np.int64)
+    a, n = np.zeros(R, np.int64), np.zeros(R, np.int64)
+    a[:len(docs)], n[:len(docs)] = starts[docs], ends[docs] - starts[docs]
+    a_t, n_t = torch.from_numpy(a).to(rt.device), torch.from_numpy(n).to(rt.device)
+    bank.reset()
+    optimizer = lora_optimizer(cfg, bank.params()) if adapt else None
+    steps = 0
+    for k in range(-(-int(n.max(initial=0)) // C)):
+        s, e, W = lora_window(k, C, L, buckets)
+        rel = torch.arange(s, s + W, device=rt.device)[None, :]
+        real = rel < n_t.clamp(max=e)[:, None]  # document tokens up to the chunk end; the rest is padding
+        scored = real & (rel >= k * C)
+        pos = torch.where(real, a_t[:, None] + rel, 0)
+        x, y = torch.where(real, tokens[pos], 0), torch.where(real, tokens[pos + 1], 0)
+        with torch.set_grad_enabled(adapt), rt.autocast():
+            nll = nll_fn(x, y, looped).float()
+        with torch.no_grad():
+            sums[0] += (nll.detach().double() * scored).sum()
+            sums[1] += scored.sum()
+            sums[2] += (byte_counter.count(x, y, pos + 1) * scored).sum()
+        act = np.flatnonzero(n > k * C)
+        ledger.record_scores(a[act] + k * C, a[act] + np.minimum(n[act], e), version, doc=docs[act],
+                             adapter_step=k if adapt else 0)
+        if per_position is not None:
+            m = scored.cpu().numpy()
+            per_position[pos.cpu().numpy()[m]] = nll.detach().double().cpu().numpy()[m]
+        train = np.flatnonzero(n > e)  # documents with a later chunk (their chunk k is full)
+        if adapt and len(train):
+            weight = torch.zeros(R, device=rt.device)
+            weight[torch.from_numpy(train).to(rt.device)] = 1.0 / C
+            loss = ((nll * scored).sum(1) * weight).sum()  # sum over documents of each chunk's mean NLL
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ledger.record_adapter_steps(docs[train], k + 1, a[train] + k * C, a[train] + e)
+            steps += len(train)
+    return steps
+
+
+def global_pass_end(starts, ends, bounds, phase):
+    """First position after phase `phase`'s last document: the global pass after it trains on [0, end)."""
+    return int(ends[bounds[phase + 1] - 1])
+
+
+def global_chunks(starts, end, chunk_tokens):
+    """Document-aligned chunks [c_i, c_i+1) tiling positions [0, end): each ends at a document start (or end) and
+    holds at most chunk_tokens positions unless one document alone is longer."""
+    cuts, prev = [0], 0
+    for b in [int(x) for x in starts if 0 < x < end] + [int(end)]:
+        if b - cuts[-1] > chunk_tokens and prev > cuts[-1]:
+            cuts.append(prev)
+        prev = b
+    if cuts[-1] < end:
+        cuts.append(int(end))
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def global_sgd_step(cfg, rt, model, nll_fn, optimizer, tokens, c0, c1, looped, ledger, version):
+    """One SGD step on the mean NLL of the scored positions [c0, c1): EVAL_SEQ_LEN sequences split by rank, in
+    (EVAL_BATCH_SEQS, EVAL_SEQ_LEN) micro-batches (padding masked), gradients summed over ranks, clipped at
+    TTT_GRAD_CLIP. Returns the new weight version."""
+    L, M = cfg.eval_seq_len, cfg.eval_batch_seqs
+    n_seq = -(-(c1 - c0) // L)
+    seqs = np.arange(n_seq)[rank_slice(n_seq, rt)]
+    params = list(model.parameters())
+    offsets = torch.arange(L, device=rt.device)[None, :]
+    optimizer.zero_grad(set_to_none=True)
+    for b in range(0, len(seqs), M):
+        rows = np.zeros(M, np.int64)
+        count = min(M, len(seqs) - b)
+        rows[:count] = c0 + seqs[b:b + count] * L
+        pos = torch.from_numpy(rows).to(rt.device)[:, None] + offsets
+        valid = (pos < c1) & (torch.arange(M, device=rt.device)[:, None] < count)
+        pos = torch.where(valid, pos, 0)
+        with rt.autocast():
+            loss = (nll_fn(tokens[pos], tokens[pos + 1], looped).float() * valid).sum() / (c1 - c0)
+        loss.backward()
+    all_reduce_grads(params, rt)
+    if cfg.ttt_grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    version += 1
+    if len(seqs):
+        ledger.record_update(version, min(c0 + (int(seqs[-1]) + 1) * L, c1) - 1)
+    return version
+
+
+def global_sgd_pass(cfg, rt, model, nll_fn, optimizer, tokens, starts, end, looped, ledger, version):
+    """TTT_GLOBAL_EPOCHS passes of global_sgd_step over the document-aligned TTT_GLOBAL_CHUNK_TOKENS chunks of
+    the scored prefix [0, end); returns (new version, steps)."""
+    chunks = global_chunks(starts, end, cfg.ttt_global_chunk_tokens)
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.ttt_global_lr
+    for _ in range(cfg.ttt_global_epochs):
+        for c0, c1 in chunks:
+            version = global_sgd_step(cfg, rt, model, nll_fn, optimizer, tokens, c0, c1, looped, ledger, version)
+    return version, len(chunks) * cfg.ttt_global_epochs
+
+
+def make_lora_bank(cfg, model):
+    """The LoraBank of this config (LORA_TARGETS, LORA_RANK, LORA_BATCH_DOCS rows, A0 seeded by SEED)."""
+    return LoraBank(model, lora_target_list(cfg.lora_targets), cfg.lora_rank, cfg.lora_batch_docs, cfg.seed)
+
+
+def eval_ttt_lora_phased(cfg, rt, model, lora_nll_fn, global_nll_fn, val_tokens, byte_counter, looped, ledger, log,
+                         eval_t0, per_position=None, bank=None):
+    """Phased score-first TTT with per-document LoRA (see the comment above): every position scored once, by
+    its document's adapter trained on that document's earlier chunks only, on base weights trained only on
+    earlier phases' documents. If the projected eval total would pass EVAL_BUDGET_SECONDS (from eval_t0),
+    adaptation and global passes stop and the rest is scored with fresh adapters. Returns (loss, bpb, info)."""
+    total = val_tokens.numel() - 1
+    tokens = val_tokens.to(rt.device)
+    starts, ends = split_documents(val_tokens[:total].cpu().numpy())
+    lengths = ends - starts
+    bounds = plan_phases(len(starts), cfg.ttt_phase_docs)
+    plans = [rank_batches(np.arange(bounds[p], bounds[p + 1]), lengths, cfg.lora_batch_docs, rt)
+             for p in range(len(bounds) - 1)]
+    buckets = lora_window_buckets(cfg.lora_chunk_tokens, cfg.eval_seq_len)
+    work = [lora_batch_work(lengths[d].max(initial=0), cfg.lora_chunk_tokens, cfg.eval_seq_len, buckets)
+            for batches in plans for d in batches]
+    bank = bank or make_lora_bank(cfg, model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.ttt_global_lr, momentum=cfg.ttt_global_momentum)
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    counts = torch.zeros(2, dtype=torch.float64, device=rt.device)  # document-steps, adapted documents
+    log(f"ttt_lora:start docs={len(starts)} phases={len(plans)} phase_ends={bounds[1:]} rank={cfg.lora_rank} "
+        f"targets={','.join(lora_target_list(cfg.lora_targets))} chunk={cfg.lora_chunk_tokens} "
+        f"batch_docs={cfg.lora_batch_docs} lora_lr={cfg.lora_lr} global_lr={cfg.ttt_global_lr}")
+    version, adapt, done, lora_s, work_done, global_s_per_pos = 0, True, 0, 0.0, 0, 0.0
+    future_global = [global_pass_end(starts, ends, bounds, p) * cfg.ttt_global_epochs for p in range(len(plans) - 1)]
+    model.eval()
+    progress = Progress("ttt lora batches", len(work))
+    for p, batches in enumerate(plans):
+        with frozen_parameters(model), bank.installed():
+            for docs in batches:
+                t = time.perf_counter()
+                if len(docs):
+                    counts[0] += lora_score_batch(cfg, rt, lora_nll_fn, bank, tokens, byte_counter, looped, docs,
+                                                  starts, ends, sums, ledger, version, adapt, per_position)
+                    counts[1] += len(docs) if adapt else 0
+                lora_s, work_done, done = lora_s + time.perf_counter() - t, work_done + work[done], done + 1
+                progress.update(done)
+                if not adapt or done < min(LORA_GUARD_MIN_BATCHES, len(work)):
+                    continue
+                projected = (time.perf_counter() - eval_t0 + lora_s / max(work_done, 1) * sum(work[done:])
+                             + global_s_per_pos * sum(future_global[p:]))
+                if any_rank(projected > cfg.eval_budget_seconds, rt):
+                    adapt = False
+                    log(f"ttt_lora:budget_stop after batch {done}/{len(work)}: projected eval total {projected:.0f}s"
+                        f" > EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:g}; the remaining documents are scored "
+                        f"with fresh adapters, no more updates")
+        if p < len(plans) - 1 and adapt and cfg.ttt_global_epochs > 0:
+            end, t = global_pass_end(starts, ends, bounds, p), time.perf_counter()
+            version, n_steps = global_sgd_pass(cfg, rt, model, global_nll_fn, optimizer, tokens, starts, end,
+                                               looped, ledger, version)
+            global_s_per_pos = (time.perf_counter() - t) / max(future_global[p], 1)
+            log(f"ttt_lora:phase {p + 1}/{len(plans)} documents {bounds[p]}..{bounds[p + 1] - 1} scored; global SGD "
+                f"{n_steps} steps on positions [0, {end}) in {time.perf_counter() - t:.1f}s")
+    optimizer.zero_grad(set_to_none=True)
+    all_reduce_(sums, rt)
+    all_reduce_(counts, rt)
+    info = {"docs": len(starts), "phases": len(plans), "global_steps": version, "lora_doc_steps": int(counts[0]),
+            "adapted_docs": int(counts[1]), "budget_stopped": not adapt}
+    return (sums[0] / sums[1]).item(), (sums[0] / (sums[2] * math.log(2))).item(), info
+
+
+def warm_lora_graphs(cfg, rt, fns, bank, looped):
+    """Compile LoRA TTT's forward/backward for every window bucket and the global pass's micro-batch, on
+    synthetic tokens; base weights, adapters (reset) and gradients are left untouched."""
+    model = fns.model
+    with frozen_parameters(model), bank.installed():
+        for W in lora_window_buckets(cfg.lora_chunk_tokens, cfg.eval_seq_len):
+            x = torch.zeros(bank.rows, W, dtype=torch.int64, device=rt.device)
+            with rt.autocast():
+                loss = fns.lora_nll(x, torch.zeros_like(x), looped).sum()
+            loss.backward()
+    x = torch.zeros(cfg.eval_batch_seqs, cfg.eval_seq_len, dtype=torch.int64, device=rt.device)
+    with rt.autocast():
+        loss = fns.global_nll(x, torch.zeros_like(x), looped).float().sum()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    for t in bank.params():
+        t.grad = None
+    bank.reset()
+
+
 class EvalFns:
-    """Forward functions (compiled when enabled) of one model: mean loss, per-token NLL, summed loss."""
+    """Forward functions (compiled when enabled) of one model: per-token NLL, summed loss, and LoRA TTT's two
+    per-token NLLs (adapted forward, global pass)."""
 
     def __init__(self, model, rt):
         self.model = model
         sum_loss = lambda x, y, looped: model.token_nll(x, y, looped).sum()
+
+        def lora_nll(x, y, looped):  # LoRA TTT's per-token NLL (own code object: own graph cache)
+            return model.token_nll(x, y, looped)
+
+        def global_nll(x, y, looped):  # its global SGD pass's
+            return model.token_nll(x, y, looped)
         if rt.compile:
             self.nll = torch.compile(model.token_nll, dynamic=False, fullgraph=rt.fullgraph)
             self.loss_sum = torch.compile(sum_loss, dynamic=False, fullgraph=rt.fullgraph)
+            self.lora_nll = torch.compile(lora_nll, dynamic=False, fullgraph=rt.fullgraph)
+            self.global_nll = torch.compile(global_nll, dynamic=False, fullgraph=rt.fullgraph)
         else:
             self.nll, self.loss_sum = model.token_nll, sum_loss
+            self.lora_nll = self.global_nll = model.token_nll
 
 
 def warm_eval_graph(cfg, rt, nll_fn, looped):
@@ -3506,9 +3966,13 @@ def run_evaluation(cfg, rt, artifact_path, val_tokens, byte_counter, log, report
     model.eval()
     fns = EvalFns(model, rt)
     graphs0 = compiled_graph_count()
+    lora = cfg.ttt_enabled and cfg.ttt_mode == "lora_phased"
+    bank = make_lora_bank(cfg, model) if lora else None
     if rt.compile:
+        warm_ttt = (lambda: warm_lora_graphs(cfg, rt, fns, bank, looped)) if lora else \
+            (lambda: warm_ttt_graphs(cfg, rt, fns, looped))
         stage("compile_warmup", lambda: (warm_eval_graph(cfg, rt, fns.nll, looped),
-                                         warm_ttt_graphs(cfg, rt, fns, looped) if cfg.ttt_enabled else None))
+                                         warm_ttt() if cfg.ttt_enabled else None))
     graphs_warm = compiled_graph_count()
     results = report.setdefault("results", {})
     if cfg.quantized_plain_eval:
@@ -3525,7 +3989,19 @@ def run_evaluation(cfg, rt, artifact_path, val_tokens, byte_counter, log, report
             f"eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
         results["quantized_sliding_window"] = {"val_loss": loss, "val_bpb": bpb}
         report["legality_sliding"] = check_legality(ledger, rt, log, "sliding")
-    if cfg.ttt_enabled:
+    if lora:
+        ledger = LegalityLedger(val_tokens.numel() - 1)
+        t = time.perf_counter()
+        loss, bpb, info = stage("quantized_ttt_lora", lambda: eval_ttt_lora_phased(
+            cfg, rt, model, fns.lora_nll, fns.global_nll, val_tokens, byte_counter, looped, ledger, log, eval_t0,
+            bank=bank))
+        log(f"quantized_ttt_lora val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+            f"eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
+        results["quantized_ttt_lora"] = dict(val_loss=loss, val_bpb=bpb, **info)
+        # the TTT stage's result whatever TTT_MODE, so tools comparing TTT on/off modes find it (tagged)
+        results["quantized_ttt"] = dict(results["quantized_ttt_lora"], ttt_mode="lora_phased")
+        report["legality"] = check_legality(ledger, rt, log, "ttt_lora")
+    elif cfg.ttt_enabled:
         ledger = LegalityLedger(val_tokens.numel() - 1)
         t = time.perf_counter()
         loss, bpb, info = stage("quantized_ttt", lambda: eval_ttt(
@@ -3550,7 +4026,13 @@ def check_legality(ledger, rt, log, stage_name):
     """Verify the ledger, log the legality line, and raise if any position broke the rules."""
     result = ledger.verify(rt)
     log(legality_line(result))
-    if not (result["scored_exactly_once"] and result["score_before_update"]):
+    if "adapter_steps" in result:
+        log(f"legality_lora: adapter_steps={result['adapter_steps']} "
+            f"global_score_before_update={result['global_score_before_update']} "
+            f"adapter_score_before_update={result['adapter_score_before_update']} "
+            f"adapter_within_document={result['adapter_within_document']}")
+    if not (result["scored_exactly_once"] and result["score_before_update"]
+            and result.get("adapter_within_document", True)):
         raise RuntimeError(f"legality violation in {stage_name} evaluation: {result}")
     return result
 

@@ -1,4 +1,5 @@
-"""Worker launched by torchrun from tests/test_distributed.py: Muon sharding checks and failure injection."""
+"""Worker launched by torchrun from tests/test_distributed.py (Muon sharding checks, failure injection) and
+tests/test_lora_ttt.py (LoRA TTT: 2 ranks == 1 rank)."""
 import sys
 import time
 from pathlib import Path
@@ -51,7 +52,42 @@ def fail_check(cfg, rt):
     time.sleep(300)
 
 
+def lora_check():
+    """Phased LoRA TTT on a tiny perturbed model: the 2-rank eval and, on each rank, a local 1-rank eval of the
+    same model and tokens; prints both val_bpb, the global steps and the cross-rank ledger verdict."""
+    import copy
+    import dataclasses
+    import numpy as np
+    import test_lora_ttt as tl
+    import pipeline_helpers as ph
+    torch.set_num_threads(1)
+    cfg = tl.lora_cfg()
+    rt = tg.setup_runtime(cfg)
+    model = ph.perturbed_model(cfg, rt, seed=3)
+    bc = tg.ByteCounter(ph.random_byte_tables(tl.VOCAB, seed=4), rt.device)
+    tokens = tl.doc_tokens(tl.DOC_LENGTHS)
+    out = {}
+    for name, r in (("2", rt), ("1", dataclasses.replace(rt, rank=0, world_size=1))):
+        m = copy.deepcopy(model)
+        ledger = tg.LegalityLedger(tokens.numel() - 1)
+        _, bpb, info = tg.eval_ttt_lora_phased(cfg, r, m, m.token_nll, m.token_nll, tokens, bc, True, ledger,
+                                               lambda *a, **k: None, time.perf_counter())
+        res = ledger.verify(r)
+        out[name] = (bpb, info, res, len(np.concatenate(ledger.scores)) if ledger.scores else 0)
+    (bpb2, info2, res2, mine), (bpb1, info1, res1, _) = out["2"], out["1"]
+    legal = all(res[k] for res in (res1, res2) for k in ("scored_exactly_once", "score_before_update",
+                                                         "adapter_within_document"))
+    if info1["global_steps"] != info2["global_steps"] or info1["lora_doc_steps"] != info2["lora_doc_steps"]:
+        raise SystemExit(f"rank {rt.rank}: steps differ: {info1} vs {info2}")
+    print(f"LORA_OK rank={rt.rank} bpb1={bpb1!r} bpb2={bpb2!r} global_steps={info2['global_steps']} "
+          f"my_spans={mine} legal={legal}", flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "lora":
+        lora_check()
+        dist.destroy_process_group()
+        sys.exit(0)
     config = tg.load_config()
     runtime = tg.setup_runtime(config)
     {"muon": muon_check, "fail": fail_check}[sys.argv[1]](config, runtime)
