@@ -11,11 +11,29 @@ TINY_RUN = dict(
     PRESET="smoke", ITERATIONS=20, MAX_WALLCLOCK_SECONDS=0, WARMUP_STEPS=1, TRAIN_LOG_EVERY=1,
     VAL_LOSS_EVERY=0, NUM_LAYERS=4, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, LOOP_START=1,
     LOOP_END=1, PARALLEL_RESIDUAL_START=2, XSA_LAST_N=2, ENABLE_LOOPING_AT=0.5, GPTQ_CALIBRATION_BATCHES=2,
-    EVAL_STRIDE=128, TTT_CHUNK_TOKENS=16384, TTT_EPOCHS=1, QUANTIZED_PLAIN_EVAL=1,
+    EVAL_STRIDE=128, TTT_CHUNK_TOKENS=2048, TTT_EPOCHS=1, QUANTIZED_PLAIN_EVAL=1,
     GRAD_ACCUM_BASE=4,  # 1 rank: 4 micro-steps; 2 ranks: 2 each, the first under DDP no_sync
     # PRESET=frontier's model and optimiser switches, so 2 ranks == 1 rank holds with them on
     SMEAR_GATE=1, SPARSE_ATTN_GATE=1, PARALLEL_LANES=1, MUON_NS_COEFFS="polar_express", FUSED_CE="chunked",
 )
+
+
+DIST_VAL_TOKENS = 8192  # scored positions of the validation prefix these runs use: 4 TTT chunks, 32 windows
+
+
+@pytest.fixture(scope="module")
+def dist_data(smoke_data_dir, tmp_path_factory):
+    """Env for the smoke data with validation cut to its first DIST_VAL_TOKENS + 1 tokens (eval time)."""
+    import glob
+    import numpy as np
+    import pipeline_helpers as ph
+    from conftest import tg
+    cfg = tg.load_config({"PRESET": "smoke", "DATA_DIR": str(smoke_data_dir)})
+    _, val_glob, _ = tg.data_paths(cfg)
+    val = np.fromfile(sorted(glob.glob(val_glob))[0], dtype="<u2", offset=1024)
+    path = tmp_path_factory.mktemp("dist_val") / "fineweb_val_000000.bin"
+    ph.write_shard_by_hand(path, val[:DIST_VAL_TOKENS + 1])
+    return dict(DATA_DIR=smoke_data_dir, VAL_FILES=path)
 
 
 def summary(tmp_path, run_id):
@@ -24,7 +42,7 @@ def summary(tmp_path, run_id):
 
 
 @pytest.fixture(scope="module")
-def paired_runs(smoke_data_dir, tmp_path_factory):
+def paired_runs(dist_data, tmp_path_factory):
     """The tiny job as one process, then as torchrun --nproc_per_node=2 (gloo) training and, separately,
     2-rank evaluation of the 1-rank artifact (EVAL_ONLY), so eval is compared on identical weights."""
     out = {}
@@ -37,7 +55,7 @@ def paired_runs(smoke_data_dir, tmp_path_factory):
         ("e2", 2, tmp_path_factory.mktemp("eval2"), dict(EVAL_ONLY=artifact)),
     ]
     for run_id, nproc, tmp, extra in runs:
-        env = dict(TINY_RUN, DATA_DIR=smoke_data_dir, RUN_ID=run_id, **extra)
+        env = dict(TINY_RUN, **dist_data, RUN_ID=run_id, **extra)
         env.setdefault("ARTIFACT_PATH", tmp / "model.ptz")
         proc = run_script(env, tmp, nproc=nproc if nproc > 1 else None)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,9 +90,9 @@ def test_two_ranks_evaluate_like_one(paired_runs):
         assert re.search(r"^legality: positions=\d+ scored_exactly_once=True score_before_update=True$", log, re.M)
 
 
-def test_muon_sharding_keeps_ranks_identical(smoke_data_dir, tmp_path):
+def test_muon_sharding_keeps_ranks_identical(dist_data, tmp_path):
     """After every step all ranks hold bit-identical weights; each owns momentum for its round-robin share."""
-    env = dict(TINY_RUN, DATA_DIR=smoke_data_dir)
+    env = dict(TINY_RUN, **dist_data)
     proc = run_script(env, tmp_path, script=ROOT / "tests" / "dist_worker.py", nproc=2, args=["muon"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MUON_OK")]
@@ -93,11 +111,11 @@ def test_rank_failure_stops_launcher_quickly(tmp_path):
     assert elapsed < 60, elapsed
 
 
-def test_successful_two_rank_runs_always_exit_zero(smoke_data_dir, tmp_path):
+def test_successful_two_rank_runs_always_exit_zero(dist_data, tmp_path):
     """A finished 2-rank run exits 0 on every rank, every time (it once aborted in teardown with 'terminate
     called without an active exception'): three back-to-back runs, each must finish, write its summary and
     leave no abort message."""
-    env = dict(TINY_RUN, DATA_DIR=smoke_data_dir, ITERATIONS=4, TTT_ENABLED=0, SLIDING_WINDOW_ENABLED=0)
+    env = dict(TINY_RUN, **dist_data, ITERATIONS=4, TTT_ENABLED=0, SLIDING_WINDOW_ENABLED=0)
     for i in range(3):
         run_dir = tmp_path / f"r{i}"
         run_dir.mkdir()
@@ -109,11 +127,11 @@ def test_successful_two_rank_runs_always_exit_zero(smoke_data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_ddp_two_ranks_train_like_eager_one_rank(paired_runs, smoke_data_dir, tmp_path):
+def test_compiled_ddp_two_ranks_train_like_eager_one_rank(paired_runs, dist_data, tmp_path):
     """The record's launch mode: torch.compile + DDP (bucketed, no_sync accumulation) on 2 ranks gives the
     1-rank eager run's per-step losses (1e-4 relative), with no recompiles once the clock runs. (Compiling the
     DDP wrapper with fullgraph=True fails inside dynamo: a regression test for the first GPU run.)"""
-    env = dict(TINY_RUN, DATA_DIR=smoke_data_dir, RUN_ID="cddp", COMPILE=1, ARTIFACT_PATH=tmp_path / "m.ptz",
+    env = dict(TINY_RUN, **dist_data, RUN_ID="cddp", COMPILE=1, ARTIFACT_PATH=tmp_path / "m.ptz",
                TTT_ENABLED=0, SLIDING_WINDOW_ENABLED=0)
     proc = run_script(env, tmp_path, nproc=2, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]

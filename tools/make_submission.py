@@ -468,7 +468,8 @@ def submission_json(sub):
 
 def parse_args(argv):
     """Command-line interface."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@",
+                                epilog="@FILE reads arguments from FILE, one per line (e.g. logs/minigolf/submission.args)")
     p.add_argument("summaries", nargs="+", help="logs/<RUN_ID>.summary.json, one per seed")
     p.add_argument("--author", required=True)
     p.add_argument("--github-id", required=True)
