@@ -493,6 +493,10 @@ def check_runs(plan, loaded):
                     raise AblationError(f"{where}: summary preset is {s.get('preset')!r} but the plan sets "
                                         f"PRESET={raw} (a stale run from another plan? move it away or use a new "
                                         f"--name)")
+            elif key == "FLOAT_CHECKPOINT" and raw == "auto":  # the trainer resolves it to ARTIFACT_PATH.float.pt
+                if cfg.get("float_checkpoint") != f"{run.artifact_path}.float.pt":
+                    raise AblationError(f"{where}: summary has float_checkpoint={cfg.get('float_checkpoint')!r}, "
+                                        f"not this run's {run.artifact_path}.float.pt (a stale run? use a new --name)")
             elif key.lower() in cfg and not env_matches(raw, cfg[key.lower()]):
                 raise AblationError(f"{where}: summary has {key.lower()}={cfg[key.lower()]!r} but the plan sets "
                                     f"{key}={raw} (a stale run from another plan? move it away or use a new --name)")

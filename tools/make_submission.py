@@ -30,7 +30,7 @@ STAGES = ("quantized", "quantized_sliding_window", "quantized_ttt")  # increasin
 TABLE_STAGES = ("pre_quantization_post_ema", "quantized", "quantized_sliding_window", "quantized_ttt")
 # Config keys that legitimately differ between the seeds of one submission (seed itself, ids and paths).
 PER_RUN_CONFIG_KEYS = frozenset({"seed", "run_id", "log_dir", "data_dir", "train_files", "val_files",
-                                 "tokenizer_path", "artifact_path", "eval_only"})
+                                 "tokenizer_path", "artifact_path", "eval_only", "float_checkpoint", "export_from"})
 TRAIN_LIMIT_MS = 600_000
 EVAL_LIMIT_S = 600.0
 SIZE_LIMIT_BYTES = 16_000_000
