@@ -115,12 +115,17 @@ def smoke_data(factory):
         cfg = tg.load_config({"PRESET": "smoke", "DATA_DIR": str(root)})
         tg.build_default_data(cfg, lambda *a, **k: None)
         _train, val_glob, tok_path = tg.data_paths(cfg)
-        val = np.fromfile(sorted(glob.glob(val_glob))[0], dtype="<u2", offset=1024)
-        assert val[0] == tg.BOS_ID and val.size > SMALL_VAL_TOKENS + 1
-        small = root / "small_val" / "fineweb_val_000000.bin"
-        write_shard_by_hand(small, val[:SMALL_VAL_TOKENS + 1])
-        _CACHE["data"] = (root, small, Path(tok_path))
+        _CACHE["data"] = (root, val_prefix(root, val_glob, SMALL_VAL_TOKENS, "small_val"), Path(tok_path))
     return _CACHE["data"]
+
+
+def val_prefix(root, val_glob, tokens, name):
+    """Write root/name/fineweb_val_000000.bin holding the first `tokens` scored positions (+1) of the val shard."""
+    val = np.fromfile(sorted(glob.glob(val_glob))[0], dtype="<u2", offset=1024)
+    assert val[0] == tg.BOS_ID and val.size > tokens + 1
+    path = Path(root) / name / "fineweb_val_000000.bin"
+    write_shard_by_hand(path, val[:tokens + 1])
+    return path
 
 
 def tiny_run_env(data_dir, small_val, run_dir, run_id):

@@ -24,15 +24,10 @@ DIST_VAL_TOKENS = 8192  # scored positions of the validation prefix these runs u
 @pytest.fixture(scope="module")
 def dist_data(smoke_data_dir, tmp_path_factory):
     """Env for the smoke data with validation cut to its first DIST_VAL_TOKENS + 1 tokens (eval time)."""
-    import glob
-    import numpy as np
     import pipeline_helpers as ph
     from conftest import tg
-    cfg = tg.load_config({"PRESET": "smoke", "DATA_DIR": str(smoke_data_dir)})
-    _, val_glob, _ = tg.data_paths(cfg)
-    val = np.fromfile(sorted(glob.glob(val_glob))[0], dtype="<u2", offset=1024)
-    path = tmp_path_factory.mktemp("dist_val") / "fineweb_val_000000.bin"
-    ph.write_shard_by_hand(path, val[:DIST_VAL_TOKENS + 1])
+    _, val_glob, _ = tg.data_paths(tg.load_config({"PRESET": "smoke", "DATA_DIR": str(smoke_data_dir)}))
+    path = ph.val_prefix(tmp_path_factory.mktemp("dist_val"), val_glob, DIST_VAL_TOKENS, "val")
     return dict(DATA_DIR=smoke_data_dir, VAL_FILES=path)
 
 
