@@ -235,9 +235,14 @@ def real_update_matrices(tmp_path_factory):
     return mats
 
 
-def singular_spread(X):
-    """max |sigma - 1| over the singular values of X."""
-    return (torch.linalg.svdvals(X.double()) - 1).abs().max().item()
+def singular_spread(X, G):
+    """max |sigma - 1| over X's top-k singular values, k = how many of G/||G||_F's exceed 1e-3.
+
+    Directions in which the (rank-deficient) gradient is numerically null stay ~0 under any 5-step
+    polynomial, so they would make the spread ~1 for both schedules and the comparison bf16 rounding noise;
+    the polynomial is monotone near 0, so X's top-k singular values are those of G's reachable directions."""
+    k = int((torch.linalg.svdvals((G / G.norm()).double()) > 1e-3).sum())
+    return (torch.linalg.svdvals(X.double())[:k] - 1).abs().max().item()
 
 
 def test_polar_express_lands_closer_to_orthogonal_on_real_gradients(real_update_matrices):
@@ -246,8 +251,8 @@ def test_polar_express_lands_closer_to_orthogonal_on_real_gradients(real_update_
     for dtype in (torch.float32, torch.bfloat16):
         wins = []
         for G in real_update_matrices:
-            pe = singular_spread(tg.newton_schulz5(G, 5, dtype, tg.NS_COEFFS["polar_express"]))
-            quintic = singular_spread(tg.newton_schulz5(G, 5, dtype, tg.NS_COEFFS["quintic"]))
+            pe = singular_spread(tg.newton_schulz5(G, 5, dtype, tg.NS_COEFFS["polar_express"]), G)
+            quintic = singular_spread(tg.newton_schulz5(G, 5, dtype, tg.NS_COEFFS["quintic"]), G)
             wins.append(pe < quintic)
         assert all(wins), (dtype, wins)
 
