@@ -495,3 +495,20 @@ def test_explicit_hardware_is_checked_against_the_runs(tmp_path, capsys):
                           "--hardware", "8xH100 80GB SXM", "--out", str(out)])
     assert rc == 0 and json.loads(out.read_text())["hardware"] == "8xH100 80GB SXM"
     assert capsys.readouterr().err.count("warning:") == 2  # world size and device contradict the claim
+
+
+def test_committed_submission_json_regenerates_identically(tmp_path, monkeypatch):
+    """The repository's submission.json is exactly what its committed logs/minigolf runs produce."""
+    args_file = ROOT / "logs" / "minigolf" / "submission.args"
+    committed = ROOT / "submission.json"
+    assert args_file.exists() and committed.exists(), "logs/minigolf/submission.args and submission.json are committed"
+    monkeypatch.chdir(ROOT)  # the args file names the summaries relative to the repository root
+    out = tmp_path / "submission.json"
+    assert ms.main(["@" + str(args_file), "--out", str(out)]) == 0
+    assert out.read_bytes() == committed.read_bytes()
+    sub = json.loads(committed.read_text())
+    summaries = [json.loads((ROOT / line).read_text()) for line in args_file.read_text().splitlines()
+                 if line.endswith(".summary.json")]
+    assert len(summaries) == 3 and sub["track"] == "non_record_16mb"
+    assert sub["val_bpb"] == statistics.fmean(s["results"]["quantized_ttt"]["val_bpb"] for s in summaries)
+    assert sub["hardware"].startswith("CPU (2 cores)")

@@ -11,8 +11,8 @@ a markdown per-seed results table for the record README.
         [--metric quantized_ttt] [--baseline-bpb 1.0810 --baseline-std 0.0002 --baseline-n 3] [--out submission.json]
 
 The hardware string is read from the runs (device and world size of the summaries; GPU model from the
-nvidia-smi table in the .txt log or the runner's <RUN_ID>.meta.json; CPU core count from that meta file),
-never assumed; --hardware overrides it. A run that is not the record preset on 8 CUDA devices goes to the
+nvidia-smi table in the .txt log or the runner's <RUN_ID>.meta.json; CPU core count from the summary's
+hardware record or that meta file), never assumed; --hardware overrides it. A run that is not the record preset on 8 CUDA devices goes to the
 non-record track (pass --allow-nonrecord) and `non_record_reasons` says why. --deterministic takes the date
 from the runs (newest finished_utc recorded in a summary or meta file) instead of today, so the same logs
 always give a byte-identical submission.json.
@@ -202,7 +202,8 @@ def describe_hardware(summaries):
     device, size = devices.pop(), sizes[0]
     procs = f"{size} process{'es' if size != 1 else ''}"
     if device == "cpu":
-        cpus = sorted({load_meta(s).get("cpus_available") for s in summaries} - {None})
+        cpus = sorted({(s.get("hardware") or {}).get("cpus_available") or load_meta(s).get("cpus_available")
+                       for s in summaries} - {None})
         cores = f"{cpus[0]} cores" if len(cpus) == 1 else "core count not recorded"
         return f"CPU ({cores}), {procs}"
     if device == "cuda":
