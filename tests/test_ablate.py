@@ -237,6 +237,45 @@ def test_different_data_is_refused(tiny, tmp_path, tmp_path_factory):
     assert not (out / "results.md").exists() and "running" not in stdout
 
 
+def other_tokens_same_text(s):
+    """Make a summary look tokenized differently (another tokenizer, twice the tokens at half the loss per
+    token) while scoring the same validation bytes."""
+    s["fingerprint"].update(tokenizer_sha256="f" * 64, val_tokens=2 * s["fingerprint"]["val_tokens"])
+    s["legality"]["scored_tokens"] *= 2
+    for r in s["results"].values():
+        if isinstance(r, dict) and "val_loss" in r:
+            r["val_loss"] /= 2
+
+
+def test_data_variant_may_change_tokens_but_not_the_text(tiny, tmp_path, tmp_path_factory):
+    out = copy_runs(tiny, tmp_path)
+    for seed in th.SEEDS:
+        edit_summary(out, f"tiny_lr_s{seed}", other_tokens_same_text)
+    args = th.ablation_args(tmp_path_factory, out)
+    rc, _, stderr = th.call(ablate.main, args)  # without the flag: different data, refused
+    assert rc == 2 and "fingerprint.tokenizer_sha256" in stderr
+    rc, stdout, stderr = th.call(ablate.main, args + ["--data-variant", "lr"])
+    assert rc == 0, stderr
+    assert "running" not in stdout
+    base = summaries_of(out)["tiny_base_s1"]
+    md = (out / "results.md").read_text()
+    assert f"validation bytes scored, checked per run: base {round(ablate.implied_val_bytes(base)):,}" in md
+    assert "those of lr" in md
+    # the same tokens count but a BPB that implies other bytes: not the same validation text
+    edit_summary(out, "tiny_lr_s2", lambda s: [r.update(val_bpb=r["val_bpb"] * 1.01)
+                                               for r in s["results"].values() if isinstance(r, dict) and "val_bpb" in r])
+    rc, _, stderr = th.call(ablate.main, args + ["--data-variant", "lr"])
+    assert rc == 2 and "tiny_lr_s2" in stderr and "same validation text" in stderr
+    rc, _, stderr = th.call(ablate.main, args + ["--data-variant", "lr", "--val-bytes-rtol", "0.02"])
+    assert rc == 0, stderr  # a 1% difference (text cut elsewhere) passes an explicit 2% tolerance, shown in the table
+    assert "allowed to differ by 2.00%" in (out / "results.md").read_text()
+
+
+def test_data_variant_must_name_a_variant():
+    with pytest.raises(ablate.AblationError, match="--data-variant nope: not the label of a --variant"):
+        plan("--variant", "lr=MATRIX_LR=0.05", "--data-variant", "nope")
+
+
 def test_different_val_tokens_is_refused(tiny, tmp_path, tmp_path_factory):
     out = copy_runs(tiny, tmp_path)
     edit_summary(out, "tiny_base_s2", lambda s: s["fingerprint"].update(val_tokens=4096))

@@ -24,7 +24,12 @@ is rerun. Files of a rerun run are moved to <out>/runs/attempts/ first, never ov
 Honesty checks (before anything is launched and again before tabulating): every summary must match the
 plan's env for its run, every run must share the base run's data fingerprint (tokenizer sha256, vocab, val
 tokens, train shards, byte sidecar), setup (world size, device, torch) and every config value the variant
-does not set; otherwise the run is refused with an error naming it and the differing key.
+does not set; otherwise the run is refused with an error naming it and the differing key. A variant named
+with --data-variant changes the tokens on purpose (another tokenizer, e.g. CaseOps): its fingerprint may
+differ, but it must score the same validation text, so every one of its runs must imply the base's
+validation byte count (scored tokens x loss / (ln 2 x bpb), the BPB denominator) to within half a byte, or
+within --val-bytes-rtol when the validation set is cut to whole sequences at a different point (the table
+then shows both byte counts).
 
 Outputs in the out dir: results.md, results.json and curves.png (matplotlib optional).
 """
@@ -164,6 +169,10 @@ class Plan:
                     raise AblationError(f"--env: {k} is set twice (in --base/--env)")
                 self.common_env[k] = v
         self.iterations, self.train_tokens = args.iterations, args.train_tokens
+        self.data_variants = set(args.data_variant or [])
+        self.val_bytes_rtol = args.val_bytes_rtol
+        if self.val_bytes_rtol and not self.data_variants:
+            raise AblationError("--val-bytes-rtol only applies to --data-variant runs")
         self.variants = [("base", {})]
         for text in args.variant or []:
             label, env = parse_variant(text)
@@ -175,6 +184,9 @@ class Plan:
             taken = sorted(set(env) & set(RUNNER_KEYS))
             if taken:
                 raise AblationError(f"{label}: {', '.join(taken)} is set by the runner for every run")
+        unknown = sorted(self.data_variants - {label for label, _ in self.variants[1:]})
+        if unknown:
+            raise AblationError(f"--data-variant {', '.join(unknown)}: not the label of a --variant")
         if (self.iterations is not None or self.train_tokens is not None) and set(shared) & set(BUDGET_KEYS):
             raise AblationError(f"--base/--env set {', '.join(sorted(set(shared) & set(BUDGET_KEYS)))} and a "
                                 f"budget flag is given: set the budget once")
@@ -510,6 +522,9 @@ def check_runs(plan, loaded):
             bad = run if not isinstance(fp, dict) else ref_run
             raise AblationError(f"run {bad.run_id}: summary has no data fingerprint; cannot prove that the runs "
                                 f"used the same data (rerun it with a train_gpt.py that writes 'fingerprint')")
+        if run.variant in plan.data_variants:
+            check_same_val_text(where, s, ref_run, ref, plan.val_bytes_rtol)
+            continue  # other tokens: the config may differ in its data fields, the text scored may not
         for key in FINGERPRINT_KEYS:
             if fp.get(key) != ref_fp.get(key):
                 raise AblationError(f"{where}: different data than {ref_run.run_id}: fingerprint.{key} = "
@@ -530,6 +545,30 @@ def check_runs(plan, loaded):
                 raise AblationError(f"{where}: base config differs from {ref_run.run_id} in {key}: "
                                     f"{cfg.get(key, '<absent>')!r} vs {ref_cfg.get(key, '<absent>')!r}, and variant "
                                     f"'{run.variant}' does not set {key.upper()} (different code or defaults?)")
+
+
+def implied_val_bytes(summary):
+    """Validation bytes behind a run's BPB (scored tokens x loss / (ln 2 x bpb)) from its first scored stage,
+    or None when the summary lacks the numbers."""
+    tokens = (summary.get("legality") or {}).get("scored_tokens")
+    for stage in STAGES:
+        r = (summary.get("results") or {}).get(stage) or {}
+        if tokens and r.get("val_loss") and r.get("val_bpb"):
+            return tokens * r["val_loss"] / (math.log(2) * r["val_bpb"])
+    return None
+
+
+def check_same_val_text(where, summary, ref_run, ref, rtol=0.0):
+    """AblationError unless a data variant's run scored as many validation bytes as the base run (within half
+    a byte, or `rtol` relative)."""
+    mine, theirs = implied_val_bytes(summary), implied_val_bytes(ref)
+    if mine is None or theirs is None:
+        raise AblationError(f"{where}: cannot compute the validation byte count (legality.scored_tokens and a "
+                            f"stage's val_loss/val_bpb are needed) to prove it scored {ref_run.run_id}'s text")
+    if abs(mine - theirs) > max(0.5, rtol * theirs):
+        raise AblationError(f"{where}: a data variant must score the same validation text as {ref_run.run_id}, "
+                            f"but its BPB implies {mine:,.1f} validation bytes vs {theirs:,.1f}"
+                            + (f" (beyond --val-bytes-rtol {rtol})" if rtol else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -619,12 +658,18 @@ def build_results(plan, states):
             entry["delta"] = {"stage": stage, "mean": delta, "se": se}
             entry["welch"] = welch_two_sided(vals, base_values)
         table.append(entry)
-    fingerprints = [s.get("fingerprint") for s in ok.values()]
+    base_ids = {r.run_id for r in plan.runs if r.variant == "base"}
+    fingerprints = [s.get("fingerprint") for rid, s in ok.items() if rid in base_ids]
     first = next(iter(ok.values()), {})
+    val_bytes = {label: sorted({round(implied_val_bytes(ok[r.run_id])) for r in plan.runs
+                                if r.variant == label and r.run_id in ok and implied_val_bytes(ok[r.run_id])})
+                 for label in ["base"] + sorted(plan.data_variants)}
     return {"name": plan.name, "command": plan.canonical_command(), "script": str(plan.script),
             "launcher": plan.display_launcher(), "budget": plan.budget_note, "base_env": plan.base_env,
             "common_env": plan.common_env, "seeds": plan.seeds, "metric": stage,
             "fingerprint": {k: fingerprints[0].get(k) for k in FINGERPRINT_KEYS} if fingerprints else None,
+            "data_variants": sorted(plan.data_variants),
+            "val_bytes": val_bytes, "val_bytes_rtol": plan.val_bytes_rtol,
             "setup": {k: first.get(k) for k in SETUP_KEYS} if first else None,
             "preset": first.get("preset"),
             "variants": table, "runs": rows,
@@ -672,7 +717,14 @@ def render_markdown(res):
     if fp:
         out.append(f"- Data: tokenizer sha256 {str(fp['tokenizer_sha256'])[:16]}…, vocab {fp['vocab_size']}, "
                    f"{fp['val_tokens']} val tokens, {fp['train_shards']} train shard(s), byte sidecar "
-                   f"{fp['bytes_sidecar']} (identical for every run in this table)")
+                   f"{fp['bytes_sidecar']} " + ("(identical for every run in this table)" if not res.get("data_variants")
+                                                else f"(every run but those of {', '.join(res['data_variants'])}, "
+                                                     f"which use other tokens for the same validation text; "
+                                                     f"validation bytes scored, checked per run: "
+                                                     + "; ".join(f"{k} {', '.join(f'{b:,}' for b in v)}"
+                                                                 for k, v in res["val_bytes"].items())
+                                                     + (f", allowed to differ by {res['val_bytes_rtol']:.2%}"
+                                                        if res["val_bytes_rtol"] else "") + ")"))
     out.append(f"- Seeds: {', '.join(map(str, res['seeds']))}; compared stage: "
                f"{stage + ' val_bpb' if stage else 'none (no successful run)'}")
     out += ["", "| Variant | Overrides | n | " + " | ".join(STAGE_LABELS[st] + " val_bpb" for st in stages)
@@ -822,6 +874,11 @@ def parse_args(argv):
     p.add_argument("--env", action="append", help="more base env 'K=V[,K=V]' (repeatable; any env var)")
     p.add_argument("--variant", action="append", help="'label=K=V[,K=V]' overrides on top of the base (repeatable)")
     p.add_argument("--seeds", default="1337", help="comma-separated seeds (default 1337)")
+    p.add_argument("--val-bytes-rtol", type=float, default=0.0,
+                   help="relative tolerance of a data variant's validation byte count (default: half a byte)")
+    p.add_argument("--data-variant", action="append",
+                   help="label of a variant that uses other tokens (tokenizer/shards, e.g. CaseOps) for the same "
+                        "validation text (repeatable): its data fingerprint may differ, its val byte count may not")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--iterations", type=int, help="step budget: ITERATIONS=N, MAX_WALLCLOCK_SECONDS=0")
     budget.add_argument("--train-tokens", type=int, help="token budget: ITERATIONS=ceil(T / TRAIN_BATCH_TOKENS)")
