@@ -130,6 +130,30 @@ def test_welch_symmetric_and_undefined_cases():
     assert ablate.welch_two_sided([1.0, 1.0], [1.0, 1.0 + 1e-3])["p_value"] <= 1.0
 
 
+def test_paired_t_test_by_hand_and_scipy():
+    variant, base = [1.2040, 1.2051, 1.2049], [1.2010, 1.2030, 1.2026]
+    p = ablate.paired_two_sided(list(zip(variant, base)))
+    d = [a - b for a, b in zip(variant, base)]
+    se = statistics.stdev(d) / math.sqrt(3)
+    assert p["mean"] == pytest.approx(statistics.fmean(d), abs=1e-15) and p["se"] == pytest.approx(se, rel=1e-12)
+    assert p["t"] == pytest.approx(statistics.fmean(d) / se, rel=1e-12) and p["dof"] == 2 and p["n"] == 3
+    assert p["p_value"] == pytest.approx(2 * ablate.ms.student_t_sf_builtin(abs(p["t"]), 2), rel=1e-9)
+    # pairing removes the seed spread that makes the unpaired test weak here
+    assert p["p_value"] < ablate.welch_two_sided(variant, base)["p_value"]
+    scipy_stats = pytest.importorskip("scipy.stats")
+    ref = scipy_stats.ttest_rel(variant, base)
+    assert p["t"] == pytest.approx(float(ref.statistic), rel=1e-10)
+    assert p["p_value"] == pytest.approx(float(ref.pvalue), rel=1e-8)
+
+
+def test_paired_t_test_degenerate_cases():
+    assert ablate.paired_two_sided([(1.0, 2.0)]) is None  # one pair: no spread estimate
+    same = ablate.paired_two_sided([(1.0, 1.0), (2.0, 2.0)])
+    assert same["mean"] == 0 and same["t"] is None and ablate.fmt_paired(same) == "+0.000000 (identical per seed)"
+    shifted = ablate.paired_two_sided([(1.5, 1.0), (2.5, 2.0)])
+    assert shifted["t"] is None and ablate.fmt_paired(shifted) == "+0.500000 (no spread)"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the tiny 2 variants x 2 seeds ablation, end to end
 # ---------------------------------------------------------------------------------------------------------
@@ -195,6 +219,10 @@ def test_all_runs_and_table(tiny):
     lr = next(v for v in res["variants"] if v["variant"] == "lr")
     assert lr["delta"]["mean"] == pytest.approx(delta, abs=1e-15)
     assert lr["welch"]["p_value"] == pytest.approx(ablate.welch_two_sided(lr_ttt, base_ttt)["p_value"])
+    pairs = [(runs[f"tiny_lr_s{seed}"]["results"]["quantized_ttt"]["val_bpb"],
+              runs[f"tiny_base_s{seed}"]["results"]["quantized_ttt"]["val_bpb"]) for seed in th.SEEDS]
+    assert lr["paired"] == ablate.paired_two_sided(pairs) and lr["paired"]["n"] == 2
+    assert rows["lr"]["Δ paired by seed"] == ablate.fmt_paired(lr["paired"])
     assert f"Seed-to-seed std of base (TTT val_bpb): {statistics.stdev(base_ttt):.6f} (n=2)" in md
     assert "Failed runs: none." in md and res["metric"] == "quantized_ttt"
     assert "--variant lr=MATRIX_LR=0.05" in md and "MATRIX_LR=0.05 python3" in md

@@ -597,6 +597,21 @@ def welch_two_sided(a, b):
     return {"t": t, "dof": dof, "p_value": min(1.0, 2.0 * p_upper), "p_method": method}
 
 
+def paired_two_sided(pairs):
+    """Two-sided paired t-test over (variant, base) values of the same seeds: dict(mean, se, t, dof, p_value,
+    p_method, n), or None with fewer than 2 pairs. Identical pairs give se 0 and no t (nothing to test)."""
+    diffs = [a - b for a, b in pairs]
+    m, sd, n = mean_std(diffs)
+    if n < 2:
+        return None
+    if sd == 0:
+        return {"mean": m, "se": 0.0, "t": None, "dof": n - 1, "p_value": None, "p_method": None, "n": n}
+    se = sd / math.sqrt(n)
+    p_upper, method = ms.student_t_sf(abs(m / se), n - 1)
+    return {"mean": m, "se": se, "t": m / se, "dof": n - 1, "p_value": min(1.0, 2.0 * p_upper),
+            "p_method": method, "n": n}
+
+
 def final_stage(plan, ok_summaries):
     """The stage to compare: --metric, else the latest stage every ok run has (TTT > sliding > quantized > pre)."""
     if plan.metric:
@@ -634,6 +649,8 @@ def build_results(plan, states):
     stage = final_stage(plan, list(ok.values()))
     rows = [run_row(r, *states[r]) for r in plan.runs]
     base_values = [stage_bpb(ok[r.run_id], stage) for r in plan.runs if r.variant == "base" and r.run_id in ok]
+    base_by_seed = {r.seed: stage_bpb(ok[r.run_id], stage) for r in plan.runs
+                    if r.variant == "base" and r.run_id in ok}
     table = []
     for label, env in plan.variants:
         runs = [r for r in plan.runs if r.variant == label]
@@ -657,6 +674,9 @@ def build_results(plan, states):
             se = None if sa is None or sb is None else math.sqrt(sa ** 2 / len(vals) + sb ** 2 / len(base_values))
             entry["delta"] = {"stage": stage, "mean": delta, "se": se}
             entry["welch"] = welch_two_sided(vals, base_values)
+            pairs = [(stage_bpb(ok[r.run_id], stage), base_by_seed[r.seed]) for r in runs
+                     if r.run_id in ok and base_by_seed.get(r.seed) is not None]
+            entry["paired"] = paired_two_sided(pairs)
         table.append(entry)
     base_ids = {r.run_id for r in plan.runs if r.variant == "base"}
     fingerprints = [s.get("fingerprint") for rid, s in ok.items() if rid in base_ids]
@@ -703,6 +723,15 @@ def fmt_p(welch):
     return f"{welch['p_value']:.3g} (t={welch['t']:.2f}, dof={welch['dof']:.1f})"
 
 
+def fmt_paired(paired):
+    """Paired-delta cell: mean ± se and p (3 significant digits), 'identical per seed' for zero spread."""
+    if not paired:
+        return "—"
+    if paired["t"] is None:
+        return fmt(paired["mean"], 6, True) + (" (identical per seed)" if paired["mean"] == 0 else " (no spread)")
+    return f"{fmt(paired['mean'], 6, True)} ± {fmt(paired['se'], 6)}, p {paired['p_value']:.3g}"
+
+
 def render_markdown(res):
     """results.md text: setup, the variant table, base noise, failures, per-run table and commands."""
     stages = [st for st in STAGES if any(st in v["stages"] for v in res["variants"])]
@@ -728,8 +757,8 @@ def render_markdown(res):
     out.append(f"- Seeds: {', '.join(map(str, res['seeds']))}; compared stage: "
                f"{stage + ' val_bpb' if stage else 'none (no successful run)'}")
     out += ["", "| Variant | Overrides | n | " + " | ".join(STAGE_LABELS[st] + " val_bpb" for st in stages)
-            + f" | Δ {label} vs base | p (Welch, two-sided) | ms/step | Artifact bytes |",
-            "|---|---|---:|" + "---:|" * len(stages) + "---:|---:|---:|---:|"]
+            + f" | Δ {label} vs base | p (Welch, two-sided) | Δ paired by seed | ms/step | Artifact bytes |",
+            "|---|---|---:|" + "---:|" * len(stages) + "---:|---:|---:|---:|---:|"]
     for v in res["variants"]:
         n = str(v["n"]) + (f" (+{len(v['failed'])} failed)" if v["failed"] else "")
         overrides = ",".join(f"{k}={val}" for k, val in v["overrides"].items()) or "—"
@@ -737,11 +766,12 @@ def render_markdown(res):
         cells += [fmt_mean_std(v["stages"].get(st), 6, v["n"]) for st in stages]
         d = v.get("delta")
         if v["variant"] == "base":
-            cells += ["(reference)", "—"]
+            cells += ["(reference)", "—", "—"]
         else:
             se = "" if not d or d["se"] is None else f" ± {fmt(d['se'], 6)}"
             cells.append("—" if not d else fmt(d["mean"], 6, True) + se)
             cells.append(fmt_p(v.get("welch")))
+            cells.append(fmt_paired(v.get("paired")))
         cells.append(fmt_mean_std(v["ms_per_step"], 1))
         cells.append("—" if v["bytes_total_mean"] is None else f"{v['bytes_total_mean']:,.0f}")
         out.append("| " + " | ".join(cells) + " |")
@@ -757,7 +787,10 @@ def render_markdown(res):
     out.append("")
     out.append(f"Values: mean ± sample std (n−1) over the successful seeds. Δ = variant mean − base mean of "
                f"{label} val_bpb (negative = better) ± its standard error; p from Welch's unequal-variance "
-               f"t-test, two-sided; ms/step = train_time_ms / steps; artifact bytes = bytes_total (model + code).")
+               f"t-test, two-sided. Δ paired: mean ± standard error of the per-seed differences (variant − base "
+               f"of the same seed: same init and data order, or the same weights in an export-only ablation) "
+               f"with a two-sided paired t-test (dof = pairs − 1). ms/step = train_time_ms / steps (runs that "
+               f"shared the cores with other work are slower); artifact bytes = bytes_total (model + code).")
     failed = [f for v in res["variants"] for f in v["failed"]]
     out.append("")
     if failed:
