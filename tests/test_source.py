@@ -62,3 +62,17 @@ def test_every_top_level_function_and_class_has_a_docstring():
     missing = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
                and ast.get_docstring(n) is None]
     assert not missing, missing
+
+
+def test_technique_cost_table_names_existing_definitions():
+    """bench/technique_costs.py measures each technique by removing named module-level definitions: every
+    name must still exist in train_gpt.py, or the README's code-byte column silently measures nothing."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("technique_costs", ROOT / "bench" / "technique_costs.py")
+    costs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(costs)
+    tree = ast.parse((ROOT / "train_gpt.py").read_text(encoding="utf-8"))
+    defined = set().union(*(costs.node_names(n) for n in tree.body))
+    for technique, names in costs.TECHNIQUES.items():
+        assert set(names) <= defined, (technique, sorted(set(names) - defined))
+    assert "if triton is not None" in defined and "SmearGate" in defined
