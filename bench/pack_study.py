@@ -8,11 +8,11 @@ shipped: shortening error messages or module-level names would make the shipped 
 """
 import ast
 import base64
-import importlib.util
-import sys
 from pathlib import Path
 
 import brotli
+
+from technique_costs import load_train_gpt
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,11 +55,7 @@ def rename_module_defs(tree):
 
 
 def main():
-    spec = importlib.util.spec_from_file_location("tg_pack_study", ROOT / "train_gpt.py")
-    tg = importlib.util.module_from_spec(spec)
-    saved, sys.argv = sys.argv, ["train_gpt.py"]
-    spec.loader.exec_module(tg)
-    sys.argv = saved
+    tg = load_train_gpt(ROOT / "train_gpt.py")
     mini = tg.minify_source((ROOT / "train_gpt.py").read_text(encoding="utf-8"))
     base = compressed(mini)
     raw = brotli.compress(mini.encode("utf-8"), quality=11, lgwin=24)

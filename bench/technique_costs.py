@@ -20,9 +20,8 @@ import base64
 import importlib.util
 import json
 import sys
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import brotli
 import torch
@@ -81,7 +80,7 @@ def node_names(node):
 
 
 def packed_length(text):
-    """Bytes of the packed file for this minified text (brotli-11 + base85 + the stub's ~190 bytes)."""
+    """Base85 payload bytes the packer would embed for this minified text (the fixed stub cancels out)."""
     return len(base64.b85encode(brotli.compress(text.encode("utf-8"), quality=11, lgwin=24)))
 
 

@@ -681,8 +681,8 @@ def build_results(plan, states):
     base_ids = {r.run_id for r in plan.runs if r.variant == "base"}
     fingerprints = [s.get("fingerprint") for rid, s in ok.items() if rid in base_ids]
     first = next(iter(ok.values()), {})
-    val_bytes = {label: sorted({round(implied_val_bytes(ok[r.run_id])) for r in plan.runs
-                                if r.variant == label and r.run_id in ok and implied_val_bytes(ok[r.run_id])})
+    implied = {r: implied_val_bytes(ok[r.run_id]) for r in plan.runs if r.run_id in ok}
+    val_bytes = {label: sorted({round(b) for r, b in implied.items() if r.variant == label and b})
                  for label in ["base"] + sorted(plan.data_variants)}
     return {"name": plan.name, "command": plan.canonical_command(), "script": str(plan.script),
             "launcher": plan.display_launcher(), "budget": plan.budget_note, "base_env": plan.base_env,

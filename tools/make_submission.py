@@ -12,8 +12,8 @@ a markdown per-seed results table for the record README.
 
 The hardware string is read from the runs (device and world size of the summaries; GPU model from the
 nvidia-smi table in the .txt log or the runner's <RUN_ID>.meta.json; CPU core count from the summary's
-hardware record or that meta file), never assumed; --hardware overrides it. A run that is not the record preset on 8 CUDA devices goes to the
-non-record track (pass --allow-nonrecord) and `non_record_reasons` says why. --deterministic takes the date
+hardware record or that meta file), never assumed; --hardware overrides it. A run that is not the record
+preset on 8 CUDA devices goes to the non-record track (pass --allow-nonrecord) and `non_record_reasons` says why. --deterministic takes the date
 from the runs (newest finished_utc recorded in a summary or meta file) instead of today, so the same logs
 always give a byte-identical submission.json.
 """
