@@ -90,6 +90,16 @@ def run_script(env_overrides, tmp_path, script=None, nproc=None, timeout=600, ar
     return subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout)
 
 
+def rank_results(tmp_path, tag, nproc=2):
+    """The result line each rank of tests/dist_worker.py wrote to <tag>_rank<r>.txt; fails naming a missing rank."""
+    lines = []
+    for r in range(nproc):
+        path = tmp_path / f"{tag}_rank{r}.txt"
+        assert path.exists(), f"rank {r} wrote no {path.name}"
+        lines.append(path.read_text().strip())
+    return lines
+
+
 def read_log(tmp_path, run_id):
     """Text of logs/<run_id>.txt under tmp_path's LOG_DIR."""
     return (tmp_path / "logs" / f"{run_id}.txt").read_text()

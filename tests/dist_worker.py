@@ -12,6 +12,13 @@ import torch.distributed as dist  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 
+def report(rank, line):
+    """Write this rank's result line to ./<TAG>_rank<r>.txt (cwd is the test's tmp dir) and echo it.
+    A file per rank, because torchrun's shared stdout can lose or interleave one rank's line."""
+    Path(f"{line.split()[0]}_rank{rank}.txt").write_text(line + "\n")
+    print(line, flush=True)
+
+
 def digest(model):
     """First 8 bytes of the weights' sha256 as an int64 tensor."""
     return torch.tensor(int(tg.state_checksum(model)[:15], 16), dtype=torch.int64)
@@ -39,7 +46,7 @@ def muon_check(cfg, rt):
         raise SystemExit(f"rank {rt.rank}: holds momentum for {owned} matrices, expected {expected}")
     if tg.state_checksum(model) == start:
         raise SystemExit("weights did not change")
-    print(f"MUON_OK rank={rt.rank} owned={owned} checksum={tg.state_checksum(model)[:16]}", flush=True)
+    report(rt.rank, f"MUON_OK rank={rt.rank} owned={owned} checksum={tg.state_checksum(model)[:16]}")
 
 
 def fail_check(cfg, rt):
@@ -79,8 +86,8 @@ def lora_check():
                                                          "adapter_within_document"))
     if info1["global_steps"] != info2["global_steps"] or info1["lora_doc_steps"] != info2["lora_doc_steps"]:
         raise SystemExit(f"rank {rt.rank}: steps differ: {info1} vs {info2}")
-    print(f"LORA_OK rank={rt.rank} bpb1={bpb1!r} bpb2={bpb2!r} global_steps={info2['global_steps']} "
-          f"my_spans={mine} legal={legal}", flush=True)
+    report(rt.rank, f"LORA_OK rank={rt.rank} bpb1={bpb1!r} bpb2={bpb2!r} global_steps={info2['global_steps']} "
+                    f"my_spans={mine} legal={legal}")
 
 
 if __name__ == "__main__":

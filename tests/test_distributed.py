@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, read_log, run_script
+from conftest import ROOT, rank_results, read_log, run_script
 
 TINY_RUN = dict(
     PRESET="smoke", ITERATIONS=20, MAX_WALLCLOCK_SECONDS=0, WARMUP_STEPS=1, TRAIN_LOG_EVERY=1,
@@ -90,8 +90,8 @@ def test_muon_sharding_keeps_ranks_identical(dist_data, tmp_path):
     env = dict(TINY_RUN, **dist_data)
     proc = run_script(env, tmp_path, script=ROOT / "tests" / "dist_worker.py", nproc=2, args=["muon"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MUON_OK")]
-    assert len(lines) == 2
+    lines = rank_results(tmp_path, "MUON_OK")
+    assert [ln.split()[1] for ln in lines] == ["rank=0", "rank=1"]
     assert len({ln.split("checksum=")[1] for ln in lines}) == 1
 
 

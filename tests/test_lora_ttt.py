@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_script, tg, tiny_config
+from conftest import ROOT, rank_results, run_script, tg, tiny_config
 import pipeline_helpers as ph
 
 VOCAB = 64
@@ -547,8 +547,7 @@ def test_two_ranks_score_like_one(tmp_path):
     tokens; val_bpb within 1e-6 relative, same global steps, and the cross-rank ledger proves legality."""
     proc = run_script({}, tmp_path, script=ROOT / "tests" / "dist_worker.py", nproc=2, args=["lora"], timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LORA_OK")]
-    assert len(lines) == 2, proc.stdout[-2000:]
+    lines = rank_results(tmp_path, "LORA_OK")
     for ln in lines:
         f = dict(kv.split("=") for kv in ln.split()[1:])
         one, two = float(f["bpb1"]), float(f["bpb2"])
