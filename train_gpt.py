@@ -8,6 +8,7 @@ Sections, in data-flow order: config -> runtime -> data -> tokenizer/BPB -> mode
 training loop -> export -> evaluation -> reporting -> main.
 """
 
+import ast
 import base64
 import contextlib
 import copy
@@ -43,6 +44,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 class ConfigError(ValueError):
     """A configuration, input file or environment variable is invalid; the message says how to fix it."""
+
+
+class NotPacked:
+    """Stands in, in a packed copy, for a definition its switch values never run (see PACK_NEEDS/PACK_OMIT):
+    calling it or reading any attribute raises ConfigError naming what would need it."""
+
+    def __init__(self, name, needs):
+        self.name, self.needs = name, needs
+
+    def __call__(self, *args, **kwargs):
+        raise ConfigError(f"{self.name} is not in this packed copy (packed for {PACKED}); it needs {self.needs}: "
+                          f"pack a copy with that setting (python3 train_gpt.py pack) or run the readable source")
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        self()
 
 
 # =============================================================================================
@@ -246,6 +264,15 @@ FRONTIER_PRESET = dict(
 )
 PRESETS = {"record": {}, "smoke": SMOKE_PRESET, "minigolf": MINIGOLF_PRESET, "frontier": FRONTIER_PRESET}
 
+# Fields whose value selects code. A packed copy (`python3 train_gpt.py pack`) is built for one value of each
+# and carries only the code those values can run; PACKED holds them there (it is empty in this source). Path
+# fields are fixed only when unset (a copy packed without EXPORT_FROM has no export-only path).
+PACK_SWITCHES = ("preset", "smear_gate", "sparse_attn_gate", "parallel_lanes", "doc_attention", "fused_ce",
+                 "fused_mlp", "muon_ns_coeffs", "weight_averaging", "lqer", "compressor", "ttt_mode",
+                 "export_from", "float_checkpoint")
+PACK_UNSET_ONLY = ("export_from", "float_checkpoint")
+PACKED = {}
+
 # Env vars that belong to the launcher or the OS, never to us, even if they resemble a field.
 FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "GROUP_WORLD_SIZE"}
@@ -329,21 +356,33 @@ def check_env_typos(environ):
                               f"(unset {key} or rename it)")
 
 
+def check_packed_switch(name, value):
+    """ConfigError if this is a packed copy built for another value of switch `name` (it lacks that code)."""
+    if name in PACKED and value != PACKED[name]:
+        raise ConfigError(f"{name.upper()}={value!r}: this packed copy was built for {name.upper()}="
+                          f"{PACKED[name]!r} and carries only that code; pack one for this setting "
+                          f"({name.upper()}={value} python3 train_gpt.py pack, with the run's other settings) "
+                          f"or run the readable train_gpt.py")
+
+
 def load_config(environ=None):
     """Resolve Hyperparameters from defaults, PRESET and env vars (env wins); validate field types and names."""
     environ = dict(os.environ if environ is None else environ)
     check_env_typos(environ)
-    preset = environ.get("PRESET", "record")
+    preset = environ.get("PRESET", PACKED.get("preset", "record"))
+    check_packed_switch("preset", preset)
     if preset not in PRESETS:
         raise ConfigError(f"PRESET={preset!r} is unknown; choose one of {sorted(PRESETS)}")
-    values = dict(PRESETS[preset], preset=preset)
+    values = dict(PRESETS[preset], **PACKED)  # a packed copy defaults to the switch values it was built for
     for f in dataclasses.fields(Hyperparameters):
         key = f.name.upper()
         if key in environ and key != "PRESET":
             values[f.name] = parse_env_value(key, environ[key], f.type)
-    if preset == "minigolf" and "VOCAB_SIZE" not in environ:
-        values["vocab_size"] = 8192 if SHARED_TOKENIZER.exists() else 1024  # shared text, else stdlib corpus
-    cfg = Hyperparameters(**values)
+    cfg = Hyperparameters(**dict(values, preset=preset))
+    if cfg.preset == "minigolf" and "VOCAB_SIZE" not in environ:
+        cfg.vocab_size = 8192 if SHARED_TOKENIZER.exists() else 1024  # shared text, else stdlib corpus
+    for name in PACKED:
+        check_packed_switch(name, getattr(cfg, name))
     if not cfg.run_id:
         cfg.run_id = f"{preset}_{uuid.uuid4().hex[:12]}"
     if not cfg.artifact_path:
@@ -391,8 +430,10 @@ def validate_config(cfg, world_size):
     need(2 <= cfg.matrix_bits <= 8 and 2 <= cfg.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must be in 2..8")
     for name in ("mlp_clip_sigmas", "attn_clip_sigmas"):
         need(getattr(cfg, name) == -1 or getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)} must be > 0 or -1")
-    need(cfg.lqer_top_k >= 0 and cfg.lqer_rank >= 1 and 2 <= cfg.lqer_factor_bits <= 8 and cfg.lqer_group_size >= 2,
-         "LQER_TOP_K >= 0, LQER_RANK >= 1, LQER_FACTOR_BITS in 2..8 and LQER_GROUP_SIZE >= 2 are required")
+    if cfg.lqer:
+        need(cfg.lqer_top_k >= 0 and cfg.lqer_rank >= 1 and 2 <= cfg.lqer_factor_bits <= 8
+             and cfg.lqer_group_size >= 2,
+             "LQER_TOP_K >= 0, LQER_RANK >= 1, LQER_FACTOR_BITS in 2..8 and LQER_GROUP_SIZE >= 2 are required")
     need(cfg.compile in ("auto", "0", "1"), f"COMPILE={cfg.compile!r} must be auto, 0 or 1")
     need(cfg.attention_backend in ("auto", "fa3", "fa2", "sdpa", "reference"),
          f"ATTENTION_BACKEND={cfg.attention_backend!r} must be auto, fa3, fa2, sdpa or reference")
@@ -418,22 +459,24 @@ def validate_config(cfg, world_size):
              and all(i < cfg.parallel_residual_start for i in encoder_layers),
              f"PARALLEL_LANES=1 needs every layer from PARALLEL_RESIDUAL_START={cfg.parallel_residual_start} on in "
              f"the decoder half (above LOOP_END and the middle layer) and below NUM_LAYERS={cfg.num_layers}")
-    for name, window in (("SMEAR_GATE_WINDOW", cfg.smear_gate_window), ("ATTN_GATE_WINDOW", cfg.attn_gate_window)):
-        need(0 < window <= cfg.model_dim, f"{name}={window} must be in 1..MODEL_DIM={cfg.model_dim}")
+    for name, window, on in (("SMEAR_GATE_WINDOW", cfg.smear_gate_window, cfg.smear_gate),
+                             ("ATTN_GATE_WINDOW", cfg.attn_gate_window, cfg.sparse_attn_gate)):
+        need(not on or 0 < window <= cfg.model_dim, f"{name}={window} must be in 1..MODEL_DIM={cfg.model_dim}")
     need(cfg.caseops in ("auto", "0", "1"), f"CASEOPS={cfg.caseops!r} must be auto, 0 or 1")
-    need(cfg.doc_attention_max_docs >= 0, f"DOC_ATTENTION_MAX_DOCS={cfg.doc_attention_max_docs} must be >= 0 "
-                                          f"(0: every document of a row kept apart)")
+    if cfg.doc_attention:
+        need(cfg.doc_attention_max_docs >= 0, f"DOC_ATTENTION_MAX_DOCS={cfg.doc_attention_max_docs} must be >= 0 "
+                                              f"(0: every document of a row kept apart)")
     need(cfg.ttt_mode in ("sgd", "lora_phased"), f"TTT_MODE={cfg.ttt_mode!r} must be sgd or lora_phased")
-    for name in ("lora_rank", "lora_chunk_tokens", "lora_batch_docs", "ttt_global_chunk_tokens"):
-        need(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)} must be positive")
-    need(cfg.lora_lr >= 0 and cfg.lora_wd >= 0, f"LORA_LR={cfg.lora_lr} and LORA_WD={cfg.lora_wd} must be >= 0")
-    need(0 <= cfg.lora_beta2 < 1, f"LORA_BETA2={cfg.lora_beta2} must be in [0, 1)")
-    need(cfg.ttt_global_lr >= 0, f"TTT_GLOBAL_LR={cfg.ttt_global_lr} must be >= 0")
-    need(0 <= cfg.ttt_global_momentum < 1, f"TTT_GLOBAL_MOMENTUM={cfg.ttt_global_momentum} must be in [0, 1)")
-    need(cfg.ttt_global_epochs >= 0, f"TTT_GLOBAL_EPOCHS={cfg.ttt_global_epochs} must be >= 0 (0: no global pass)")
-    lora_target_list(cfg.lora_targets)
-    phase_doc_counts(cfg.ttt_phase_docs)
-    if cfg.ttt_mode == "lora_phased":
+    if cfg.ttt_mode == "lora_phased":  # the LoRA TTT settings (checked only when they are used)
+        for name in ("lora_rank", "lora_chunk_tokens", "lora_batch_docs", "ttt_global_chunk_tokens"):
+            need(getattr(cfg, name) > 0, f"{name.upper()}={getattr(cfg, name)} must be positive")
+        need(cfg.lora_lr >= 0 and cfg.lora_wd >= 0, f"LORA_LR={cfg.lora_lr} and LORA_WD={cfg.lora_wd} must be >= 0")
+        need(0 <= cfg.lora_beta2 < 1, f"LORA_BETA2={cfg.lora_beta2} must be in [0, 1)")
+        need(cfg.ttt_global_lr >= 0, f"TTT_GLOBAL_LR={cfg.ttt_global_lr} must be >= 0")
+        need(0 <= cfg.ttt_global_momentum < 1, f"TTT_GLOBAL_MOMENTUM={cfg.ttt_global_momentum} must be in [0, 1)")
+        need(cfg.ttt_global_epochs >= 0, f"TTT_GLOBAL_EPOCHS={cfg.ttt_global_epochs} must be >= 0 (0: no global pass)")
+        lora_target_list(cfg.lora_targets)
+        phase_doc_counts(cfg.ttt_phase_docs)
         need(cfg.lora_chunk_tokens <= cfg.eval_seq_len,
              f"LORA_CHUNK_TOKENS={cfg.lora_chunk_tokens} must be <= EVAL_SEQ_LEN={cfg.eval_seq_len} (the window "
              f"that scores a chunk ends at the chunk and holds at most EVAL_SEQ_LEN tokens)")
@@ -1630,7 +1673,7 @@ class GPT(nn.Module):
         docs = (document_structure(ids, self.backend, self.cfg.doc_attention_max_docs)
                 if self.cfg.doc_attention else None)
         x = rms_norm(self.tok_emb(ids).float()).to(self.stream_dtype)  # bf16 stream on CUDA, as the record
-        if self.smear is not None:
+        if self.cfg.smear_gate:
             x = self.smear(x, ids)
         x0 = x
         encoder, decoder = self.layouts[bool(looped)]
@@ -1658,7 +1701,7 @@ class GPT(nn.Module):
 
     def layer(self, i, x, x0, cos, sin, docs=None):
         """Physical layer i on the stream x (a tensor, or the pair of lanes in a two-lane parallel layer)."""
-        if self.lanes is None or i < self.cfg.parallel_residual_start:
+        if not self.cfg.parallel_lanes or i < self.cfg.parallel_residual_start:
             return self.blocks[i](x, x0, cos, sin, docs)
         lanes = x if isinstance(x, tuple) else (x, x)
         return self.blocks[i].forward_lanes(lanes, x0, cos, sin, self.lanes.resid[i], self.lanes.mix[i], docs)
@@ -1729,11 +1772,12 @@ NS_COEFFS = {
 CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "skip_gates", "attn_gate")
 
 
-def newton_schulz5(G, steps, dtype, coeffs=NS_COEFFS["quintic"]):
+def newton_schulz5(G, steps, dtype, coeffs=None):
     """Approximately orthogonalise G (r,c) with `steps` Newton-Schulz iterations in `dtype`.
 
-    Iteration i uses coeffs[min(i, len - 1)], so a schedule shorter than `steps` repeats its last triple
-    (the leader's code instead stops after its 5 triples)."""
+    Iteration i uses coeffs[min(i, len - 1)] of a NS_COEFFS schedule (default: the record's quintic), so a
+    schedule shorter than `steps` repeats its last triple (the leader's code instead stops after its 5)."""
+    coeffs = NS_COEFFS["quintic"] if coeffs is None else coeffs
     X = G.to(dtype)
     transposed = X.size(0) > X.size(1)
     if transposed:
@@ -3054,18 +3098,38 @@ def load_artifact_model(cfg, rt, path):
 
 
 # --- counted code: the self-extracting copy of this file -------------------------------------
-# `python3 train_gpt.py pack` writes the file the challenge counts: this source without docstrings and
-# comments, the dev-only functions of PACK_OMIT reduced to a stub that says so, function-local names
-# shortened, one-space indentation, then brotli-11 + base85 inside a two-line stub. The packer checks that
-# the minified module is the same program (same AST up to the renaming) and the tests run both copies.
-PACK_STUB_PREFIX = "import brotli as Z,base64 as B,linecache as C\n"
-PACK_OMIT = ("smoke_corpus_documents", "train_sentencepiece", "shared_text_documents", "build_default_data", "strip_docstrings",
-             "LocalRenamer", "minify_source", "pack_source", "pack_command")
+# `python3 train_gpt.py pack` writes the file the challenge counts, built for the switch values (PACK_SWITCHES)
+# of the run's configuration: the source without docstrings and comments, specialised to those values
+# (SwitchFolder: code they can never run is folded away, definitions nothing uses any more are dropped), the
+# dev-only definitions of PACK_OMIT and the unneeded ones of PACK_NEEDS left as NotPacked stand-ins that say so,
+# function-local names shortened, one-space indentation, then brotli-11 + base85 inside a two-line stub. The
+# packer proves every name the copy reads is defined (symtable) and that renaming changed nothing else (AST).
+PACK_STUB_PREFIX = "import brotli as Z,linecache as C\n"
+PACK_DIGITS = bytes(c for c in range(1, 128) if c not in b'\r"\\')
+PACK_OMIT = ("smoke_corpus_documents", "train_sentencepiece", "shared_text_documents", "build_default_data",
+             "strip_docstrings", "SwitchFolder", "prune_unreferenced", "unresolved_globals", "LocalRenamer",
+             "squeeze_whitespace", "specialised_tree", "minify_source", "pack_source", "pack_command")
+# Definitions that code outside any switch test can still reach (artifact readers, kernel dispatch, hooks),
+# kept only when a switch allows them: name -> (switch, values that need it).
+PACK_NEEDS = {
+    "decode_pergroup": ("compressor", ("pergroup",)),
+    "lqer_correction": ("lqer", (True,)),
+    "ChunkedSoftcappedCE": ("fused_ce", ("chunked", "auto")),
+    "TritonSoftcappedCE": ("fused_ce", ("triton", "auto")),
+    "FusedLeakyReluSquare": ("fused_mlp", ("triton", "auto")),
+    "document_structure": ("doc_attention", (True,)),
+    "flash_varlen_attention": ("doc_attention", (True,)),
+    "low_rank_delta": ("ttt_mode", ("lora_phased",)),
+    "adapter_legality": ("ttt_mode", ("lora_phased",)),
+    "encode_pergroup": ("compressor", ("pergroup",)),
+    "Block.forward_lanes": ("parallel_lanes", (True,)),
+}
+# Module-level dict literals reduced to the entry of the packed switch value (the other presets' values).
+PACK_DICTS = {"PRESETS": "preset", "NS_COEFFS": "muon_ns_coeffs"}
 
 
 def strip_docstrings(source):
     """Source without comments and docstrings (via the AST), semantically identical."""
-    import ast
     tree = ast.parse(source)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -3075,6 +3139,282 @@ def strip_docstrings(source):
                     and isinstance(body[0].value.value, str):
                 node.body = body[1:] or [ast.Pass()]
     return ast.unparse(tree) + "\n"
+
+
+_UNKNOWN = object()  # literal_value of an expression that is not a compile-time constant
+
+
+def literal_value(node):
+    """The value of a constant expression node (a constant, or a tuple/list/set of constants), else _UNKNOWN."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        items = [literal_value(e) for e in node.elts]
+        if any(i is _UNKNOWN for i in items):
+            return _UNKNOWN
+        return {ast.Tuple: tuple, ast.List: list, ast.Set: set}[type(node)](items)
+    return _UNKNOWN
+
+
+def truth(node):
+    """True/False if `node` is a constant expression, else None (not known before run time)."""
+    value = literal_value(node)
+    return None if value is _UNKNOWN else bool(value)
+
+
+def is_pure(node):
+    """True if evaluating `node` cannot have a side effect worth keeping (no calls, awaits or assignments)."""
+    return not any(isinstance(n, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom, ast.NamedExpr, ast.Lambda))
+                   for n in ast.walk(node))
+
+
+def simplify_test(node):
+    """`node` as a branch test, where only its truth matters: constant operands of and/or/not folded, pure
+    operands that cannot change the outcome dropped (calls are never dropped)."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        inner = simplify_test(node.operand)
+        t = truth(inner)
+        return ast.Constant(not t) if t is not None else ast.UnaryOp(ast.Not(), inner)
+    if not isinstance(node, ast.BoolOp):
+        return node
+    decisive = isinstance(node.op, ast.Or)  # the operand truth that ends evaluation
+    kept = []
+    for value in map(simplify_test, node.values):
+        t = truth(value)
+        if t is None:
+            kept.append(value)
+        elif t == decisive:
+            if all(is_pure(k) for k in kept):
+                return ast.Constant(decisive)
+            kept.append(value)
+            break
+    if not kept:
+        return ast.Constant(not decisive)
+    return kept[0] if len(kept) == 1 else ast.BoolOp(node.op, kept)
+
+
+class SwitchFolder(ast.NodeTransformer):
+    """Specialises a module to fixed switch values: every load of `cfg.<switch>` (or `<obj>.cfg.<switch>`)
+    becomes its constant, comparisons and and/or/not over constants are folded, an if/else whose test became
+    constant keeps only the branch that runs, and need(<true>, ...) checks vanish. Exact only while the run's
+    config holds those values, which a packed copy enforces (check_packed_switch)."""
+
+    COMPARE = {ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b, ast.Lt: lambda a, b: a < b,
+               ast.LtE: lambda a, b: a <= b, ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
+               ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b, ast.Is: lambda a, b: a is b,
+               ast.IsNot: lambda a, b: a is not b}
+
+    def __init__(self, switches):
+        self.switches = switches
+
+    def visit_Attribute(self, node):
+        """cfg.<switch> -> its constant."""
+        self.generic_visit(node)
+        base = node.value
+        on_cfg = (isinstance(base, ast.Name) and base.id == "cfg") or (isinstance(base, ast.Attribute)
+                                                                        and base.attr == "cfg")
+        if on_cfg and isinstance(node.ctx, ast.Load) and node.attr in self.switches:
+            return ast.copy_location(ast.Constant(self.switches[node.attr]), node)
+        return node
+
+    def visit_Compare(self, node):
+        """A comparison chain of constants -> its result."""
+        self.generic_visit(node)
+        values = [literal_value(n) for n in [node.left] + node.comparators]
+        if any(v is _UNKNOWN for v in values):
+            return node
+        result = all(self.COMPARE[type(op)](a, b) for op, a, b in zip(node.ops, values, values[1:]))
+        return ast.copy_location(ast.Constant(result), node)
+
+    def visit_UnaryOp(self, node):
+        """not <constant> -> constant."""
+        self.generic_visit(node)
+        t = truth(node.operand) if isinstance(node.op, ast.Not) else None
+        return node if t is None else ast.copy_location(ast.Constant(not t), node)
+
+    def visit_BoolOp(self, node):
+        """Drop constant operands that can neither end the evaluation nor be its value; cut after one that
+        ends it (the value of the expression is unchanged)."""
+        self.generic_visit(node)
+        decisive = isinstance(node.op, ast.Or)
+        kept = []
+        for i, value in enumerate(node.values):
+            t = truth(value)
+            if t is None or t == decisive or i == len(node.values) - 1:
+                kept.append(value)
+            if t == decisive:
+                break
+        if len(kept) == 1:
+            return kept[0]
+        node.values = kept
+        return node
+
+    def visit_IfExp(self, node):
+        """a if <constant> else b -> the branch taken."""
+        self.generic_visit(node)
+        t = truth(simplify_test(node.test))
+        return node if t is None else (node.body if t else node.orelse)
+
+    def visit_If(self, node):
+        """if <constant>: keep the branch taken (statements spliced in place); else simplify the test."""
+        self.generic_visit(node)
+        node.test = simplify_test(node.test)
+        t = truth(node.test)
+        if t is None:
+            node.body = node.body or [ast.Pass()]
+            return node
+        return (node.body if t else node.orelse) or None
+
+    def visit_Expr(self, node):
+        """need(<true>, message) -> nothing (validate_config's checks of a switch that is fixed)."""
+        self.generic_visit(node)
+        call = node.value
+        if (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "need"
+                and call.args and truth(simplify_test(call.args[0])) is True):
+            return None
+        return node
+
+    def visit_FunctionDef(self, node):
+        """Fold the body; then a local assigned a constant (number, string, bool, None) exactly once, by a
+        statement of the body itself, is replaced by it in the statements after it (and folded again)."""
+        self.generic_visit(node)
+        stores = {}
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
+                stores[n.id] = stores.get(n.id, 0) + 1
+            elif isinstance(n, (ast.arg, ast.alias, ast.ExceptHandler, ast.FunctionDef, ast.ClassDef,
+                                ast.Global, ast.Nonlocal)):
+                for name in (getattr(n, "names", None) or [getattr(n, "arg", None) or getattr(n, "asname", None)
+                                                             or getattr(n, "name", None)]):
+                    name = getattr(name, "asname", None) or getattr(name, "name", name)
+                    stores[name] = stores.get(name, 0) + 2  # never a candidate
+        for i, stmt in enumerate(node.body):
+            if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
+                    and stores.get(stmt.targets[0].id) == 1 and isinstance(stmt.value, ast.Constant)):
+                continue  # only immutable constants: `out = []` is a fresh list, never a literal to copy
+            name, value = stmt.targets[0].id, stmt.value.value
+            for later in node.body[i + 1:]:
+                for n in ast.walk(later):
+                    for field, child in ast.iter_fields(n):
+                        if isinstance(child, ast.Name) and child.id == name:
+                            setattr(n, field, ast.copy_location(ast.Constant(value), child))
+                        elif isinstance(child, list):
+                            child[:] = [ast.copy_location(ast.Constant(value), c) if isinstance(c, ast.Name)
+                                        and c.id == name else c for c in child]
+            self.generic_visit(node)
+        return node
+
+    def visit_Assign(self, node):
+        """A PACK_DICTS dict literal keeps only the entry of the switch value."""
+        self.generic_visit(node)
+        target = node.targets[0]
+        if isinstance(target, ast.Name) and target.id in PACK_DICTS and isinstance(node.value, ast.Dict):
+            keep = self.switches.get(PACK_DICTS[target.id], _UNKNOWN)
+            if keep is not _UNKNOWN:
+                pairs = [(k, v) for k, v in zip(node.value.keys, node.value.values) if literal_value(k) == keep]
+                node.value.keys, node.value.values = [k for k, _ in pairs], [v for _, v in pairs]
+        return node
+
+
+def fill_empty_bodies(tree):
+    """Give every block that folding emptied a `pass`, so the module stays valid; returns the tree."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Module) and isinstance(getattr(node, "body", None), list) and not node.body:
+            node.body = [ast.Pass()]
+    return tree
+
+
+def bound_names(stmt):
+    """Names a module-level statement binds if it is a droppable definition (def, class, import, or an
+    assignment to plain names), else None."""
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {stmt.name}
+    if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in stmt.names}
+    if isinstance(stmt, ast.Assign):
+        names = set()
+        for target in stmt.targets:
+            elts = target.elts if isinstance(target, ast.Tuple) else [target]
+            if not all(isinstance(e, ast.Name) for e in elts):
+                return None
+            names |= {e.id for e in elts}
+        return names
+    return None
+
+
+def prune_unreferenced(tree):
+    """Drop module-level definitions (also inside module-level if/try blocks) that nothing live references,
+    to a fixed point. Live: every other statement (of an if/try: its test and exception types), and whatever a
+    live definition names. Returns the tree."""
+    containers = [s for s in tree.body if isinstance(s, (ast.If, ast.Try))]
+    blocks = [tree.body] + [b for s in containers for b in (s.body, s.orelse, getattr(s, "finalbody", []))] \
+        + [h.body for s in containers for h in getattr(s, "handlers", [])]
+    names_in = lambda nodes: {n.id for node in nodes for n in ast.walk(node) if isinstance(n, ast.Name)}
+    candidates, live_names = [], set()
+    for block in blocks:
+        for stmt in block:
+            names = bound_names(stmt)
+            if names:
+                candidates.append((stmt, names))
+            elif isinstance(stmt, ast.If):
+                live_names |= names_in([stmt.test])
+            elif isinstance(stmt, ast.Try):
+                live_names |= names_in([h.type for h in stmt.handlers if h.type is not None])
+            else:
+                live_names |= names_in([stmt])
+    live, changed = set(), True
+    while changed:
+        changed = False
+        for stmt, names in candidates:
+            if id(stmt) not in live and names & live_names:
+                live.add(id(stmt))
+                live_names |= names_in([stmt])
+                changed = True
+    dead = {id(s) for s, _ in candidates} - live
+    for block in blocks:
+        block[:] = [s for s in block if id(s) not in dead]
+    tree.body = [s for s in tree.body if not (isinstance(s, ast.If) and not s.body and not s.orelse
+                                              and is_pure(s.test)) and not (isinstance(s, ast.Try) and not s.body)]
+    return fill_empty_bodies(tree)
+
+
+def unresolved_globals(text):
+    """Names that some scope of module `text` reads as globals but that the module never binds (and that are
+    not builtins): a packed copy must have none."""
+    import builtins
+    import symtable
+    top = symtable.symtable(text, "<packed>", "exec")
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    known = bound | set(dir(builtins)) | {"__file__", "__name__", "__builtins__"}
+    missing, stack = set(), [top]
+    while stack:
+        table = stack.pop()
+        stack += table.get_children()
+        missing |= {s.get_name() for s in table.get_symbols()
+                    if s.is_referenced() and (s.is_global() or table is top) and s.get_name() not in known}
+    return sorted(missing)
+
+
+def specialise(tree, switches):
+    """Fold `tree` for the switch values, stand in for the PACK_NEEDS definitions they never run, drop what
+    nothing references. Returns the tree."""
+    stand_ins = {name: f"{field.upper()} in {list(values)}" for name, (field, values) in PACK_NEEDS.items()
+                 if field in switches and switches[field] not in values}
+    tree = fill_empty_bodies(SwitchFolder(switches).visit(tree))
+    replace_with_stand_ins(tree, stand_ins)
+    return prune_unreferenced(tree)
+
+
+def replace_with_stand_ins(tree, needs):
+    """Replace the module-level definitions (or 'Class.method's) named in `needs` (name -> what they need) by
+    NotPacked stand-ins."""
+    blocks = [(tree.body, "")] + [(s.body, "") for s in tree.body if isinstance(s, ast.If)]
+    blocks += [(s.body, s.name + ".") for s in tree.body if isinstance(s, ast.ClassDef)]
+    for block, prefix in blocks:
+        for i, stmt in enumerate(block):
+            name = prefix + getattr(stmt, "name", "")
+            if isinstance(stmt, (ast.FunctionDef, ast.ClassDef)) and name in needs:
+                block[i] = ast.parse(f"{stmt.name} = NotPacked({name!r}, {needs[name]!r})").body[0]
 
 
 class LocalRenamer:
@@ -3249,61 +3589,152 @@ class LocalRenamer:
         return a is not None and any(x is arg for x in a.posonlyargs + a.args)
 
 
-def minify_source(source):
-    """Packed-copy source: dev-only functions stubbed, docstrings/comments gone, locals shortened, one-space
-    indentation. Raises if the result is not the same program as `source` (AST comparison)."""
-    import ast
+def squeeze_whitespace(text):
+    """`text` (Python source) without the spaces between tokens on a line that Python does not need: a space
+    stays only between two word characters or after a number. F-strings are copied whole, so the result is
+    the same on every Python version; the caller checks the program is unchanged."""
+    import io
+    import tokenize
+    word = lambda ch: ch.isalnum() or ch == "_"
+    lines = text.splitlines(keepends=True)
+    cuts, prev, depth = [], None, 0
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        kind = tokenize.tok_name[tok.type]
+        if kind in ("NL", "NEWLINE", "INDENT", "DEDENT", "COMMENT", "ENDMARKER"):
+            prev = None
+            continue
+        if kind == "FSTRING_START":
+            depth += 1
+        if depth == 0 and prev is not None and prev.end[0] == tok.start[0] and prev.end[1] < tok.start[1]:
+            keep = (word(prev.string[-1]) and word(tok.string[0])) or tokenize.tok_name[prev.type] == "NUMBER"
+            if not keep:
+                cuts.append((tok.start[0] - 1, prev.end[1], tok.start[1]))
+        if kind == "FSTRING_END":
+            depth -= 1
+        prev = tok if depth == 0 else None
+    for row, a, b in reversed(cuts):
+        lines[row] = lines[row][:a] + lines[row][b:]
+    return "".join(lines)
+
+
+def masked_dump(tree):
+    """ast.dump of `tree` with every local identifier (Name, arg, except name, nonlocal) replaced by '_'."""
+    tree = copy.deepcopy(tree)
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name):
+            n.id = "_"
+        elif isinstance(n, ast.arg):
+            n.arg = "_"
+        elif isinstance(n, ast.ExceptHandler) and n.name:
+            n.name = "_"
+        elif isinstance(n, ast.Nonlocal):
+            n.names = ["_"] * len(n.names)
+    return ast.dump(tree)
+
+
+def specialised_tree(source, switches=None):
+    """The packed copy's program (before renaming): `source` without docstrings/comments, PACK_OMIT definitions
+    replaced by NotPacked stand-ins, specialised to `switches` (a pack_switches dict; None: every code path
+    kept) with PACKED set to them, unreferenced definitions dropped. RuntimeError if a name is left undefined."""
     tree = ast.parse(strip_docstrings(source))
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in PACK_OMIT:
-            msg = f"{node.name} is not part of the packed copy; run the readable train_gpt.py for it"
-            stub = ast.parse(f"def {node.name}(*a, **k):\n raise ConfigError({msg!r})").body[0]
-            node.__dict__.update(stub.__dict__) if isinstance(node, ast.FunctionDef) else node.__dict__.update(
-                ast.parse(f"class {node.name}:\n def __init__(self, *a, **k):\n  raise ConfigError({msg!r})")
-                .body[0].__dict__)
+    replace_with_stand_ins(tree, {name: "the readable train_gpt.py (development only)" for name in PACK_OMIT})
+    if switches is not None:
+        for stmt in tree.body:
+            if isinstance(stmt, ast.Assign) and getattr(stmt.targets[0], "id", None) == "PACKED":
+                stmt.value = ast.parse(repr(dict(switches)), mode="eval").body
+        tree = specialise(tree, switches)
+    else:
+        tree = prune_unreferenced(tree)
+    missing = unresolved_globals(ast.unparse(tree))
+    if missing:
+        raise RuntimeError(f"pack: the packed copy would read undefined names {missing} (add the definitions "
+                           f"that need them to PACK_NEEDS, or keep what they use)")
+    return tree
+
+
+def minify_source(source, switches=None):
+    """Packed-copy source: specialised_tree(source, switches) with locals shortened, one-space indentation and
+    no spaces Python does not need. RuntimeError if that changed anything but local names (AST comparison)."""
+    tree = specialised_tree(source, switches)
+    program = masked_dump(ast.parse(ast.unparse(tree)))
     LocalRenamer(tree).rename(tree)
     text = ast.unparse(tree)
     lines = []
     for line in text.split("\n"):
         stripped = line.lstrip(" ")
-        lines.append(" " * ((len(line) - len(stripped)) // 4) + stripped)
-    out = "\n".join(lines) + "\n"
-    if ast.dump(ast.parse(ast.unparse(tree))) != ast.dump(ast.parse(out)):
-        raise RuntimeError("pack: re-indentation changed the program (a multi-line string literal?)")
+        if stripped:
+            lines.append(" " * ((len(line) - len(stripped)) // 4) + stripped)
+    out = squeeze_whitespace("\n".join(lines) + "\n")
+    if masked_dump(ast.parse(out)) != program:
+        raise RuntimeError("pack: renaming or re-indentation changed the program (a multi-line string literal?)")
     return out
 
 
-def pack_source(source):
-    """Self-extracting stub (brotli-11 + base85) that executes the minified `source`.
+def encode_digits(data):
+    """`data` as one big-endian number written in base 124 with the digits PACK_DIGITS (ASCII that a \"\"\"
+    literal holds as is: every code 1..127 but CR, '"' and the backslash): 6.95 bits per byte of text, where
+    base85 carries 6.41. Inverse: the loop in pack_source's stub."""
+    n, out = int.from_bytes(data, "big"), bytearray()
+    while n:
+        n, digit = divmod(n, len(PACK_DIGITS))
+        out.append(PACK_DIGITS[digit])
+    return bytes(reversed(out)).decode("ascii")
+
+
+def pack_source(source, switches=None):
+    """Self-extracting stub that executes minify_source(source, switches): brotli-11, then encode_digits,
+    inside a triple-quoted literal the stub turns back into bytes (every byte of the file is ASCII).
 
     The stub registers the decoded source in linecache under "<path>", so inspect.getsource (which
     @triton.jit needs) and tracebacks see the real code.
     """
     import brotli
-    packed = brotli.compress(minify_source(source).encode("utf-8"), quality=11, lgwin=24)
-    return (PACK_STUB_PREFIX + 's=Z.decompress(B.b85decode("' + base64.b85encode(packed).decode()
-            + '")).decode();f="<"+__file__+">";'
+    packed = brotli.compress(minify_source(source, switches).encode("utf-8"), quality=11, lgwin=24)
+    return (PACK_STUB_PREFIX + 'n=0\nfor c in """' + encode_digits(packed) + '""".encode():'
+            + 'n=n*124+c-1-(c>13)-(c>34)-(c>92)\n'
+            + f's=Z.decompress(n.to_bytes({len(packed)},"big")).decode();f="<"+__file__+">";'
             + 'C.cache[f]=(len(s),None,s.splitlines(True),f);exec(compile(s,f,"exec"))\n')
 
 
-_CODE_BYTES = {}  # source text -> (bytes, description): packing takes seconds, so once per process
+def pack_switches(cfg):
+    """The PACK_SWITCHES values a copy packed for `cfg` is built for (PACK_UNSET_ONLY fields only when unset)."""
+    return {k: getattr(cfg, k) for k in PACK_SWITCHES if k not in PACK_UNSET_ONLY or not getattr(cfg, k)}
 
 
-def code_bytes():
-    """(bytes counted for code, description): the running file if packed, else its packed form's size."""
+def describe_switches(switches):
+    """'PRESET=record, SMEAR_GATE=0, ...' for logs (values as env vars spell them)."""
+    spell = lambda v: str(int(v)) if isinstance(v, bool) else repr(v) if v == "" else str(v)
+    return ", ".join(f"{k.upper()}={spell(v)}" for k, v in switches.items())
+
+
+def counted_code_switches(cfg):
+    """The switch values of the code counted for this run: a packed file's own PACKED, else pack_switches(cfg)."""
     running = Path(__file__).read_text(encoding="utf-8")
-    if running not in _CODE_BYTES:
-        _CODE_BYTES[running] = _count_code_bytes(running)
-    return _CODE_BYTES[running]
+    return dict(PACKED) if running.startswith(PACK_STUB_PREFIX) else pack_switches(cfg)
 
 
-def _count_code_bytes(running):
+_CODE_BYTES = {}  # (source text, switches) -> (bytes, description): packing takes seconds, so once per process
+
+
+def code_bytes(cfg):
+    """(bytes counted for code, description): the running file if packed, else the size of its copy packed
+    for `cfg` (what `python3 train_gpt.py pack` writes with the same settings)."""
+    running = Path(__file__).read_text(encoding="utf-8")
+    switches = pack_switches(cfg)
+    key = (running, json.dumps(switches, sort_keys=True))
+    if key not in _CODE_BYTES:
+        _CODE_BYTES[key] = _count_code_bytes(running, switches)
+    return _CODE_BYTES[key]
+
+
+def _count_code_bytes(running, switches):
     """code_bytes() without the cache."""
     if running.startswith(PACK_STUB_PREFIX):
         return len(running.encode("utf-8")), f"packed file {Path(__file__).name} (running it)"
-    packed = len(pack_source(running).encode("utf-8"))
-    return packed, (f"packed self-extracting copy of {Path(__file__).name} (python3 train_gpt.py pack; "
-                    f"readable source is {len(running.encode('utf-8'))} bytes)")
+    packed = len(pack_source(running, switches).encode("utf-8"))
+    return packed, (f"packed self-extracting copy of {Path(__file__).name} for {describe_switches(switches)} "
+                    f"(python3 train_gpt.py pack with these settings; readable source is "
+                    f"{len(running.encode('utf-8'))} bytes)")
 
 
 PREFLIGHT_ESTIMATE_ERROR = 0.01  # the entropy estimate is within ~1% of the record's real size
@@ -3966,7 +4397,7 @@ def run_evaluation(cfg, rt, artifact_path, val_tokens, byte_counter, log, report
     model.eval()
     fns = EvalFns(model, rt)
     graphs0 = compiled_graph_count()
-    lora = cfg.ttt_enabled and cfg.ttt_mode == "lora_phased"
+    lora = cfg.ttt_mode == "lora_phased" and cfg.ttt_enabled
     bank = make_lora_bank(cfg, model) if lora else None
     if rt.compile:
         warm_ttt = (lambda: warm_lora_graphs(cfg, rt, fns, bank, looped)) if lora else \
@@ -4254,7 +4685,7 @@ def export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, l
         f"eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
     report.setdefault("results", {})["pre_quantization_post_ema"] = {"val_loss": loss, "val_bpb": bpb}
     raw_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    code_n, code_desc = code_bytes()
+    code_n, code_desc = code_bytes(cfg)
     log(f"Serialized model: {raw_bytes} bytes")
     log(f"Code size: {code_n} bytes ({code_desc})")
     path = cfg.artifact_path
@@ -4324,7 +4755,7 @@ def write_and_account(cfg, rt, model, hessians, code_n, code_desc, byte_counter,
     log(f"size:headroom {cfg.size_limit_bytes - total} bytes under SIZE_LIMIT_BYTES={cfg.size_limit_bytes} "
         f"(quantize+serialize {time.perf_counter() - t:.1f}s)")
     report.data.update(bytes_model=model_bytes, bytes_code=code_n, bytes_total=total, artifact_path=path,
-                       code_bytes_counted=code_desc)
+                       code_bytes_counted=code_desc, code_packed_for=counted_code_switches(cfg))
     report.flush()
 
 
@@ -4347,7 +4778,7 @@ def run(cfg, rt, log):
     model = build_model(cfg, rt)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model_params:{n_params}")
-    predicted = predicted_artifact_bytes(cfg, model) + code_bytes()[0]
+    predicted = predicted_artifact_bytes(cfg, model) + code_bytes(cfg)[0]
     log(f"preflight:predicted artifact total ~{predicted} bytes (limit {cfg.size_limit_bytes})")
     report.data.update(model_params=n_params, predicted_bytes_total=predicted)
     allowed = (1 + PREFLIGHT_ESTIMATE_ERROR + (FIT_HEADROOM if cfg.size_fit else 0)) * cfg.size_limit_bytes
@@ -4416,12 +4847,15 @@ def run(cfg, rt, log):
 
 
 def pack_command(argv):
-    """`python3 train_gpt.py pack [OUT]`: write the self-extracting copy (default dist/train_gpt.py)."""
+    """`python3 train_gpt.py pack [OUT]`: write the self-extracting copy (default dist/train_gpt.py) built for
+    the switch values of the configuration the environment selects (the run's PRESET and overrides)."""
     out = Path(argv[0]) if argv else Path("dist") / "train_gpt.py"
-    packed = pack_source(Path(__file__).read_text(encoding="utf-8"))
+    switches = pack_switches(load_config())
+    packed = pack_source(Path(__file__).read_text(encoding="utf-8"), switches)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(packed, encoding="utf-8")
-    print(f"wrote {out}: {len(packed.encode('utf-8'))} bytes (source {Path(__file__).stat().st_size} bytes)")
+    print(f"wrote {out}: {len(packed.encode('utf-8'))} bytes (source {Path(__file__).stat().st_size} bytes) "
+          f"for {describe_switches(switches)}")
 
 
 def run_and_report(cfg, rt, log):
@@ -4464,7 +4898,11 @@ def main(argv=None):
     """Entry point: `pack` subcommand, or a full run configured by env vars (see README)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "pack":
-        pack_command(argv[1:])
+        try:
+            pack_command(argv[1:])
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr, flush=True)
+            return 2
         return 0
     try:
         cfg = load_config()

@@ -167,3 +167,14 @@ def legality_lines(log):
     """[(positions, scored_exactly_once, score_before_update)] of every legality line."""
     return re.findall(r"^legality: positions=(\d+) scored_exactly_once=(\w+) score_before_update=(\w+)$",
                       log, flags=re.M)
+
+
+def pack_with_env(env, out_dir):
+    """`python3 train_gpt.py pack OUT` under `env` (a run's settings): (path, printed byte count, source text)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "train_gpt.py"
+    proc = run_script(SCRIPT, env, cwd=out_dir, args=("pack", str(out)))
+    m = re.search(r"wrote (.+): (\d+) bytes \(source (\d+) bytes\) for ", proc.stdout)
+    assert m and Path(m.group(1)) == out, proc.stdout
+    return out, int(m.group(2)), SCRIPT.read_text(encoding="utf-8")

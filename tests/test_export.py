@@ -1,7 +1,6 @@
 """Tests of the EXPORT section of train_gpt.py: GPTQ with SDClip, the artifact format and its loader,
 byte shuffling, hostile files, byte accounting and the self-extracting packed copy (RECORD_STACK §1.1, §7)."""
 import ast
-import base64
 import brotli
 import dataclasses
 import hashlib
@@ -399,67 +398,55 @@ def test_valid_container_with_malformed_payload_raises_artifact_error(tmp_path, 
 
 @pytest.fixture(scope="module")
 def packed_script(tmp_path_factory):
-    """`python3 train_gpt.py pack OUT`: (path, printed byte count, source text right after packing)."""
-    out_dir = tmp_path_factory.mktemp("packed")
-    out = out_dir / "train_gpt.py"
-    proc = ph.run_script(ph.SCRIPT, {}, cwd=out_dir, args=("pack", str(out)))
-    source = ph.SCRIPT.read_text(encoding="utf-8")
-    m = re.search(r"wrote (.+): (\d+) bytes \(source (\d+) bytes\)", proc.stdout)
-    assert m, proc.stdout
-    assert pathlib.Path(m.group(1)) == out
-    return out, int(m.group(2)), source
+    """`python3 train_gpt.py pack OUT` with the default (record) environment: (path, printed bytes, source)."""
+    return ph.pack_with_env({}, tmp_path_factory.mktemp("packed"))
+
+
+def stub_payload(packed_text):
+    """The source a packed file executes, decoded independently of the stub's own loop."""
+    assert packed_text.startswith(tg.PACK_STUB_PREFIX)
+    digits = re.search(r'"""(.*)"""', packed_text, flags=re.S).group(1)
+    length = int(re.search(r"n\.to_bytes\((\d+),", packed_text.rsplit('"""', 1)[1]).group(1))
+    value = 0
+    for ch in digits.encode("ascii"):
+        value = value * len(tg.PACK_DIGITS) + tg.PACK_DIGITS.index(ch)
+    return brotli.decompress(value.to_bytes(length, "big")).decode("utf-8")
 
 
 def test_code_bytes_and_pack_command_agree(packed_script):
     out, printed, source = packed_script
-    packed_text = tg.pack_source(source)
+    cfg = tg.load_config({})
+    switches = tg.pack_switches(cfg)
+    packed_text = tg.pack_source(source, switches)
     assert printed == os.path.getsize(out) == len(packed_text.encode("utf-8"))
-    assert out.read_text(encoding="utf-8") == packed_text  # LZMA packing is deterministic
-    n, desc = tg.code_bytes()
-    assert n == len(tg.pack_source(ph.SCRIPT.read_text(encoding="utf-8")).encode("utf-8")) == printed
-    assert "pack" in desc
-    assert n < len(source.encode("utf-8")) / 2
-    # The stub is two lines and decodes to the minified source: the same program up to local names,
-    # without docstrings or comments, and with the dev-only functions reduced to a stub that says so.
-    lines = packed_text.splitlines()
-    assert len(lines) == 2 and packed_text.startswith(tg.PACK_STUB_PREFIX)
-    blob = re.search(r'b85decode\("([^"]+)"\)', lines[1]).group(1)
-    inner = brotli.decompress(base64.b85decode(blob)).decode("utf-8")
-    tree, src_tree = ast.parse(inner), ast.parse(tg.strip_docstrings(source))
-    top = lambda t: [(type(n).__name__, getattr(n, "name", None)) for n in t.body
-                     if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
-    assert top(tree) == top(src_tree)
+    assert out.read_text(encoding="utf-8") == packed_text  # packing is deterministic
+    n, desc = tg.code_bytes(cfg)
+    assert n == printed and "pack" in desc and "PRESET=record" in desc
+    assert n < len(source.encode("utf-8")) / 5
+    assert all(0 < b < 128 and b not in (13,) for b in packed_text.encode("utf-8"))  # ASCII, no CR
+    # The stub decodes to the minified source: no docstrings or comments, built for the record switches,
+    # every name it reads defined, and the same program as the specialised source up to local names.
+    inner = stub_payload(packed_text)
+    tree = ast.parse(inner)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             assert ast.get_docstring(node) is None
     assert not any(line.lstrip().startswith("#") for line in inner.splitlines())
-
-    def masked(t):
-        """ast.dump with every Name/arg/except/nonlocal identifier replaced, dev-only bodies dropped."""
-        t.body = [n for n in t.body if getattr(n, "name", None) not in tg.PACK_OMIT]
-        for n in ast.walk(t):
-            if isinstance(n, ast.Name):
-                n.id = "_"
-            elif isinstance(n, ast.arg):
-                n.arg = "_"
-            elif isinstance(n, ast.ExceptHandler) and n.name:
-                n.name = "_"
-            elif isinstance(n, ast.Nonlocal):
-                n.names = ["_"] * len(n.names)
-        return ast.dump(t)
-
-    omitted = [ast.unparse(n) for n in tree.body if getattr(n, "name", None) in tg.PACK_OMIT]
-    assert len(omitted) == len(tg.PACK_OMIT) and all("not part of the packed copy" in n for n in omitted)
-    assert masked(tree) == masked(src_tree)
+    packed_for = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "PACKED")
+    assert ast.literal_eval(packed_for.value) == switches
+    assert tg.unresolved_globals(inner) == []
+    reference = tg.specialised_tree(source, switches)
+    assert tg.masked_dump(tree) == tg.masked_dump(ast.parse(ast.unparse(reference)))
 
 
 def test_renaming_changes_no_keyword_parameter_and_keeps_scopes_apart():
     """Parameters used as keywords anywhere, keyword-only parameters and triton kernels keep their names;
     a name bound again in a nested scope is left alone in both scopes."""
-    src = ("def f(alpha, beta, *, gamma=1):\n    total = alpha + beta + gamma\n"
+    src = ("triton = tl = None\ndef f(alpha, beta, *, gamma=1):\n    total = alpha + beta + gamma\n"
            "    inner = [total for total in range(3)]\n    return total, inner\n"
            "def g():\n    return f(1, beta=2)\n"
-           "@triton.jit\ndef k(x_ptr, BLOCK: tl.constexpr):\n    value = x_ptr\n")
+           "@triton.jit\ndef k(x_ptr, BLOCK: tl.constexpr):\n    value = x_ptr\n"
+           "(g, k)\n")  # a module-level use keeps both (the packer drops what nothing references)
     out = tg.minify_source(src)
     assert "beta" in out and "gamma" in out and "alpha" not in out
     assert "total" in out  # bound in the comprehension too: never renamed
@@ -474,9 +461,11 @@ def tiny_run(tmp_path_factory):
     return ph.tiny_pipeline(tmp_path_factory)
 
 
-def test_packed_copy_runs_exactly_like_the_source(tmp_path, tmp_path_factory, packed_script, tiny_run):
-    out, printed, _ = packed_script
+def test_packed_copy_runs_exactly_like_the_source(tmp_path, tmp_path_factory, tiny_run):
+    """The copy packed with the tiny run's own environment trains, exports and evaluates bit for bit like the
+    source, and both count that copy's bytes."""
     data_dir, small_val, _ = ph.smoke_data(tmp_path_factory)
+    out, printed, _ = ph.pack_with_env(ph.tiny_run_env(data_dir, small_val, tmp_path, "pack"), tmp_path / "packed")
     run_dir = tmp_path / "packed_run"
     ph.run_script(out, ph.tiny_run_env(data_dir, small_val, run_dir, "tiny_packed"), cwd=tmp_path)
     packed_log = (run_dir / "tiny_packed.txt").read_text()

@@ -524,15 +524,18 @@ def test_config_fields_presets_and_validation():
     env = tg.load_config(environ={"PRESET": "minigolf", "TTT_MODE": "lora_phased", "LORA_TARGETS": "q,v,head"})
     assert env.ttt_mode == "lora_phased" and tg.lora_target_list(env.lora_targets) == ["q", "v", "head"]
     tg.validate_config(tiny_config(lora_chunk_tokens=48), 1)  # sgd mode: the LoRA chunk bound is not checked
-    bad = [(dict(ttt_mode="lora"), "TTT_MODE"), (dict(lora_targets="q,x"), "LORA_TARGETS"),
+    bad = [(dict(lora_targets="q,x"), "LORA_TARGETS"),
            (dict(lora_targets=" , "), "LORA_TARGETS"), (dict(ttt_phase_docs="5,3"), "TTT_PHASE_DOCS"),
            (dict(ttt_phase_docs="a"), "TTT_PHASE_DOCS"), (dict(lora_rank=0), "LORA_RANK"),
            (dict(lora_beta2=1.0), "LORA_BETA2"), (dict(ttt_global_momentum=-0.1), "TTT_GLOBAL_MOMENTUM"),
            (dict(lora_batch_docs=0), "LORA_BATCH_DOCS"), (dict(ttt_global_epochs=-1), "TTT_GLOBAL_EPOCHS"),
-           (dict(ttt_mode="lora_phased", lora_chunk_tokens=32), "LORA_CHUNK_TOKENS")]
-    for overrides, name in bad:
+           (dict(lora_chunk_tokens=32), "LORA_CHUNK_TOKENS")]
+    with pytest.raises(tg.ConfigError, match="TTT_MODE"):
+        tg.validate_config(tiny_config(ttt_mode="lora"), 1)
+    for overrides, name in bad:  # LoRA TTT's settings are checked when it is on, and only then
         with pytest.raises(tg.ConfigError, match=name):
-            tg.validate_config(tiny_config(**overrides), 1)
+            tg.validate_config(tiny_config(ttt_mode="lora_phased", **overrides), 1)
+        tg.validate_config(tiny_config(ttt_mode="sgd", **overrides), 1)
     with pytest.raises(tg.ConfigError, match="LORA_RANK"):
         tg.load_config(environ={"LORA_RANKS": "4"})  # typo guard knows the new names
 

@@ -170,6 +170,36 @@ def test_default_path_packs_the_source(runs, tmp_path):
     assert (out / "requirements.txt").read_text() == "torch\n"
 
 
+def test_default_path_packs_for_the_switches_the_runs_counted(runs, tmp_path):
+    """The source is packed with the runs' code_packed_for values in its environment; runs counted for
+    different values cannot share one folder."""
+    paths, packed = runs
+    switches = {"preset": "smoke", "smear_gate": False, "compressor": "brotli", "export_from": ""}
+    copies = []
+    for p in paths:
+        data = json.loads(p.read_text())
+        data["code_packed_for"] = switches
+        copies.append(tmp_path / p.name)
+        copies[-1].write_text(json.dumps(data))
+        for suffix in (".txt", ".meta.json"):
+            log = p.parent / p.name.replace(".summary.json", suffix)
+            if log.exists():
+                (tmp_path / log.name).write_bytes(log.read_bytes())
+    seen = tmp_path / "pack_env.json"
+    src = fake_source(tmp_path, packed, "data")
+    src.write_text(src.read_text().replace(
+        "data = Path(", f"import json, os; Path({str(seen)!r}).write_text(json.dumps(dict(os.environ)))\ndata = Path("))
+    rc, _, stderr = th.call(make_record.main, ["--logs", *copies, "--out", tmp_path / "rec", *META, "--source", src])
+    assert rc == 0, stderr
+    env = json.loads(seen.read_text())
+    assert (env["PRESET"], env["SMEAR_GATE"], env["COMPRESSOR"], env["EXPORT_FROM"]) == ("smoke", "0", "brotli", "")
+    data = json.loads(copies[0].read_text())
+    data["code_packed_for"] = dict(switches, preset="record")
+    copies[0].write_text(json.dumps(data))
+    rc, _, stderr = th.call(make_record.main, ["--logs", *copies, "--out", tmp_path / "rec2", *META, "--source", src])
+    assert rc == 2 and "different switch values" in stderr
+
+
 def test_existing_folder_needs_force(record, runs):
     paths, packed = runs
     rc, _, stderr = th.call(make_record.main, ["--logs", *paths, "--out", record, *META, "--packed", packed])

@@ -117,10 +117,13 @@ def hessian_case():
 
 
 def packed_case():
-    """The packed self-extracting copy (exec'd source) can define the kernels (@triton.jit reads their source)."""
+    """The frontier's packed self-extracting copy (exec'd source) can define the kernels (@triton.jit reads
+    their source)."""
+    switches = tg.pack_switches(tg.load_config({"PRESET": "frontier"}))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "packed_train_gpt.py"
-        path.write_text(tg.pack_source((ROOT / "train_gpt.py").read_text(encoding="utf-8")), encoding="utf-8")
+        path.write_text(tg.pack_source((ROOT / "train_gpt.py").read_text(encoding="utf-8"), switches),
+                        encoding="utf-8")
         packed = {"__name__": "packed_train_gpt", "__file__": str(path)}
         exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), packed)
     gen = torch.Generator().manual_seed(5)

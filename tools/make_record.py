@@ -11,7 +11,8 @@ The folder gets README.md (per-seed results table, mean ± sample std, the run c
 config values that differ from the preset's defaults, code provenance), submission.json (tools/make_submission.py,
 deterministic: dated from the runs), every run's <RUN_ID>.txt, <RUN_ID>.summary.json (and the runner's
 <RUN_ID>.meta.json when present), the packed train_gpt.py (`python3 train_gpt.py pack`, run in the source's
-directory, or the already-packed file given by --packed) and requirements.txt from the source's directory.
+directory with the switch values the runs were counted for, or the already-packed file given by --packed) and
+requirements.txt from the source's directory.
 
 The shipped code must be the code that was counted and run: the packed file's size must equal every summary's
 bytes_code, and the sha256 in the logs' `source:` line must be that of the shipped file or of the source it was
@@ -20,6 +21,8 @@ packed from. Otherwise the folder is refused unless --allow-code-mismatch (the R
 import argparse
 import dataclasses
 import hashlib
+import json
+import os
 import re
 import shlex
 import shutil
@@ -59,11 +62,23 @@ def logged_source_shas(summary):
     return sorted(set(sha for _name, sha in SOURCE_LINE.findall(path.read_text(encoding="utf-8", errors="replace"))))
 
 
-def pack_code(source, workdir):
-    """Run `python3 <source> pack <workdir>/train_gpt.py` in the source's directory; returns the packed bytes."""
+def packed_for(summaries):
+    """The switch values the runs' code bytes were counted for (summary key code_packed_for; {} when absent),
+    which must be the same for every run."""
+    found = {json.dumps(s.get("code_packed_for", {}), sort_keys=True) for s in summaries}
+    if len(found) > 1:
+        raise RecordError(f"the runs counted code packed for different switch values ({' vs '.join(sorted(found))}): "
+                          f"one record folder ships one train_gpt.py")
+    return json.loads(found.pop())
+
+
+def pack_code(source, workdir, switches=None):
+    """Run `python3 <source> pack <workdir>/train_gpt.py` in the source's directory with the runs' switch values
+    in the environment (so it packs what they counted); returns the packed bytes."""
     out = Path(workdir) / "train_gpt.py"
+    env = dict(os.environ, **{k.upper(): env_value(v) for k, v in (switches or {}).items()})
     proc = subprocess.run([sys.executable, str(source), "pack", str(out)], cwd=str(Path(source).resolve().parent),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not out.exists():
         raise RecordError(f"packing {source} failed (exit {proc.returncode}):\n"
                           f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -286,7 +301,7 @@ def build_record(args):
             shipped = Path(args.packed).read_bytes()
             (staging / "train_gpt.py").write_bytes(shipped)
         else:
-            shipped = pack_code(source, staging)
+            shipped = pack_code(source, staging, packed_for(summaries))
         source_bytes = source.read_bytes() if source.exists() else None
         problems = code_checks(summaries, shipped, source_bytes)
         if problems and not args.allow_code_mismatch:
