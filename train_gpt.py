@@ -268,8 +268,8 @@ PRESETS = {"record": {}, "smoke": SMOKE_PRESET, "minigolf": MINIGOLF_PRESET, "fr
 # and carries only the code those values can run; PACKED holds them there (it is empty in this source). Path
 # fields are fixed only when unset (a copy packed without EXPORT_FROM has no export-only path).
 PACK_SWITCHES = ("preset", "smear_gate", "sparse_attn_gate", "parallel_lanes", "doc_attention", "fused_ce",
-                 "fused_mlp", "muon_ns_coeffs", "weight_averaging", "lqer", "compressor", "ttt_mode",
-                 "export_from", "float_checkpoint")
+                 "fused_mlp", "muon_ns_coeffs", "weight_averaging", "lqer", "compressor", "size_fit", "caseops",
+                 "ttt_mode", "export_from", "float_checkpoint")
 PACK_UNSET_ONLY = ("export_from", "float_checkpoint")
 PACKED = {}
 
@@ -3317,8 +3317,15 @@ class SwitchFolder(ast.NodeTransformer):
 
 
 def fill_empty_bodies(tree):
-    """Give every block that folding emptied a `pass`, so the module stays valid; returns the tree."""
+    """Cut every block after its first return/raise/break/continue (folding can splice one in front of code
+    that then never runs) and give every block that folding emptied a `pass`; returns the tree."""
     for node in ast.walk(tree):
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(node, field, None)
+            if isinstance(block, list):
+                end = next((i for i, st in enumerate(block)
+                            if isinstance(st, (ast.Return, ast.Raise, ast.Break, ast.Continue))), len(block))
+                del block[end + 1:]
         if not isinstance(node, ast.Module) and isinstance(getattr(node, "body", None), list) and not node.body:
             node.body = [ast.Pass()]
     return tree

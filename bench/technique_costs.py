@@ -1,9 +1,10 @@
 """Code bytes each frontier technique adds to the packed train_gpt.py.
 
-For every technique, the module-level definitions that exist only for it are removed from the source, the
-rest goes through the packer's own minifier and is compressed as the packer does (brotli-11, base85), and
-the difference to the full packed size is reported. Call sites inside shared functions stay, so the figure
-is a slight underestimate; the reduced module is only measured, never run.
+Every figure is the size of a real packed copy: `python3 train_gpt.py pack` builds each copy for one
+configuration's switch values (PACK_SWITCHES) and carries only the code they can run, so a technique costs
+the copy packed for PRESET=frontier minus the copy packed for PRESET=frontier with that technique switched
+off (its own definitions and its call sites). Document-aware attention is off in the frontier preset: its
+cost is the copy with it on minus the frontier copy.
 
 With --time it also measures the training-step cost of the model-side techniques on CPU: the mini-golf
 model (vocab 8192, its batch and sequence length, looping on) with every technique on vs the one technique
@@ -15,45 +16,32 @@ measured back to back on one machine.
     python3 bench/technique_costs.py --time --json bench/results/technique_costs.json
 """
 import argparse
-import ast
-import base64
 import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
-import brotli
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# technique -> module-level names (functions, classes, constants) used by that technique alone
+# technique -> the env overrides (PACK_SWITCHES fields) that switch it off on top of PRESET=frontier
+# (or, for document-aware attention, on)
 TECHNIQUES = {
-    "SmearGate + BOS fix": ["SmearGate"],
-    "Sparse attention output gate": ["HeadGate"],
-    "Parallel decoder lanes": ["LaneMix"],
-    "Fused CE + LeakyReLU² MLP (Triton)": ["TritonSoftcappedCE", "FusedLeakyReluSquare", "leaky_relu_sq_up",
-                                           "if triton is not None", "CE_BLOCK_V", "resolve_fused_kernel"],
-    "Document-aware attention": ["flash_varlen_attention", "document_index", "document_structure"],
-    "LQER asymmetric": ["quantize_asym_groups", "dequantize_asym_groups", "lqer_factors", "add_lqer",
-                        "lqer_correction"],
-    "Per-group compression (rANS)": ["GROUP_MAGIC", "GROUP_ROLES", "normalize_freqs", "rans_encode",
-                                     "rans_decode", "lane_layout", "encode_ints", "encode_group_ints",
-                                     "decode_ints", "encode_pergroup", "decode_pergroup"],
-    "CaseOps byte sidecar": ["CASEOPS_OPERATORS", "has_caseops_pieces", "SidecarByteCounter", "sidecar_path",
-                             "load_validation_bytes"],
-    "Phased LoRA TTT": ["lora_target_list", "phase_doc_counts", "LORA_LINEARS", "LORA_ALIASES",
-                        "LORA_MAX_BUCKETS", "LORA_GUARD_MIN_BATCHES", "split_documents", "plan_phases",
-                        "rank_batches", "lora_window_buckets", "lora_window", "lora_batch_work", "LoraBank",
-                        "lora_optimizer", "frozen_parameters", "lora_score_batch", "global_pass_end",
-                        "global_chunks", "global_sgd_step", "global_sgd_pass", "make_lora_bank",
-                        "eval_ttt_lora_phased", "warm_lora_graphs", "adapter_legality", "low_rank_delta"],
-    "Size fit (issue 8, not a leader technique)": ["FIT_MAX_PRUNE_FRACTION", "FIT_MAX_ATTEMPTS", "SizeFitError",
-                                                   "prune_plan", "apply_pruning", "level_counts",
-                                                   "code_length_bits", "pruned_counts", "prune_count_for",
-                                                   "fit_to_size", "sample_sequences", "fit_cost_bpb"],
+    "SmearGate + BOS fix": {"SMEAR_GATE": "0"},
+    "Sparse attention output gate": {"SPARSE_ATTN_GATE": "0"},
+    "Parallel decoder lanes": {"PARALLEL_LANES": "0"},
+    "Polar Express NS": {"MUON_NS_COEFFS": "quintic"},
+    "Fused CE + LeakyReLU² MLP (Triton)": {"FUSED_CE": "off", "FUSED_MLP": "off"},
+    "Document-aware attention": {"DOC_ATTENTION": "1"},
+    "LQER asymmetric": {"LQER": "0"},
+    "Per-group compression (rANS)": {"COMPRESSOR": "brotli"},
+    "CaseOps byte sidecar": {"CASEOPS": "0"},
+    "Phased LoRA TTT": {"TTT_MODE": "sgd"},
+    "Size fit (issue 8, not a leader technique)": {"SIZE_FIT": "0"},
 }
+SWITCHED_ON = ("Document-aware attention",)  # measured on minus off (the others: frontier minus off)
 
 
 def load_train_gpt(path):
@@ -68,38 +56,22 @@ def load_train_gpt(path):
     return module
 
 
-def node_names(node):
-    """The names a module-level statement defines ('if <test>' for an if block)."""
-    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-        return {node.name}
-    if isinstance(node, ast.Assign):
-        return {t.id for t in node.targets if isinstance(t, ast.Name)}
-    if isinstance(node, ast.If):
-        return {"if " + ast.unparse(node.test)}
-    return set()
-
-
-def packed_length(text):
-    """Base85 payload bytes the packer would embed for this minified text (the fixed stub cancels out)."""
-    return len(base64.b85encode(brotli.compress(text.encode("utf-8"), quality=11, lgwin=24)))
+def packed_size(tg, source, env):
+    """Bytes of the copy `python3 train_gpt.py pack` writes for the configuration `env` selects."""
+    return len(tg.pack_source(source, tg.pack_switches(tg.load_config(env))).encode("utf-8"))
 
 
 def measure(path):
-    """{technique: packed bytes it adds}, plus the full packed size under key '_total'."""
+    """{technique: packed bytes it adds at PRESET=frontier}, plus the record's, the frontier's and the
+    all-paths copy's sizes under '_record', '_frontier' and '_all_paths'."""
     tg = load_train_gpt(path)
     source = Path(path).read_text(encoding="utf-8")
-    tree = ast.parse(source)
-    full = packed_length(tg.minify_source(source))
-    defined = set().union(*(node_names(n) for n in tree.body))
-    out = {"_total": len(tg.pack_source(source))}
-    for technique, names in TECHNIQUES.items():
-        missing = set(names) - defined
-        if missing:
-            raise SystemExit(f"technique_costs: {sorted(missing)} not defined at module level in {path}; "
-                             f"update TECHNIQUES in {__file__}")
-        kept = [n for n in tree.body if not node_names(n) & set(names)]
-        reduced = tg.minify_source(ast.unparse(ast.Module(body=kept, type_ignores=[])))
-        out[technique] = full - packed_length(reduced)
+    frontier = packed_size(tg, source, {"PRESET": "frontier"})
+    out = {"_record": packed_size(tg, source, {}), "_frontier": frontier,
+           "_all_paths": len(tg.pack_source(source).encode("utf-8"))}
+    for technique, env in TECHNIQUES.items():
+        other = packed_size(tg, source, dict(env, PRESET="frontier"))
+        out[technique] = other - frontier if technique in SWITCHED_ON else frontier - other
     return out
 
 
@@ -170,8 +142,10 @@ def main():
     args = parser.parse_args()
     costs = {"code_bytes": measure(args.script), "frontier_params_added": frontier_params(args.script),
              "torch_threads": torch.get_num_threads()}
-    print(f"packed train_gpt.py: {costs['code_bytes']['_total']:,} bytes\n")
-    print("| Technique | packed code bytes (its own definitions) |\n|---|---:|")
+    code = costs["code_bytes"]
+    print(f"packed train_gpt.py: {code['_record']:,} bytes for PRESET=record, {code['_frontier']:,} for "
+          f"PRESET=frontier, {code['_all_paths']:,} with every code path\n")
+    print("| Technique | packed code bytes (frontier copy with it minus without it) |\n|---|---:|")
     for technique in TECHNIQUES:
         print(f"| {technique} | {costs['code_bytes'][technique]:,} |")
     params = costs["frontier_params_added"]

@@ -133,6 +133,31 @@ g
     assert run_module(fold)["g"](None) == run_module(src)["g"](Cfg(flag=False)) == [2]
 
 
+def test_code_after_a_folded_raise_is_dropped_with_what_only_it_used():
+    src = '''
+def fit():
+    return "fitted"
+def export(cfg, over):
+    if over:
+        if not cfg.size_fit:
+            raise ValueError("over the cap")
+        return fit()
+    return "fits"
+export
+'''
+    for on in (True, False):
+        fold = folded(src, {"size_fit": on})
+        assert ("def fit" in fold) == on and ("over the cap" in fold) == (not on)
+        for over in (True, False):
+            results = []
+            for text in (src, fold):
+                try:
+                    results.append(run_module(text)["export"](Cfg(size_fit=on), over))
+                except ValueError as e:
+                    results.append(str(e))
+            assert results[0] == results[1], (on, over)
+
+
 def test_prune_keeps_what_live_code_reaches_and_drops_the_rest():
     src = '''
 import os

@@ -64,15 +64,18 @@ def test_every_top_level_function_and_class_has_a_docstring():
     assert not missing, missing
 
 
-def test_technique_cost_table_names_existing_definitions():
-    """bench/technique_costs.py measures each technique by removing named module-level definitions: every
-    name must still exist in train_gpt.py, or the README's code-byte column silently measures nothing."""
+def test_technique_cost_table_switches_real_pack_switches():
+    """bench/technique_costs.py prices each technique as the frontier copy minus the copy packed with the
+    technique's switches flipped: every override must be a PACK_SWITCHES field and really change its value at
+    PRESET=frontier, or the README's code-byte column silently measures nothing."""
     import importlib.util
+    import train_gpt as tg
     spec = importlib.util.spec_from_file_location("technique_costs", ROOT / "bench" / "technique_costs.py")
     costs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(costs)
-    tree = ast.parse((ROOT / "train_gpt.py").read_text(encoding="utf-8"))
-    defined = set().union(*(costs.node_names(n) for n in tree.body))
-    for technique, names in costs.TECHNIQUES.items():
-        assert set(names) <= defined, (technique, sorted(set(names) - defined))
-    assert "if triton is not None" in defined and "SmearGate" in defined
+    frontier = tg.load_config({"PRESET": "frontier"})
+    for technique, env in costs.TECHNIQUES.items():
+        flipped = tg.load_config(dict(env, PRESET="frontier"))
+        for key in env:
+            assert key.lower() in tg.PACK_SWITCHES, (technique, key)
+            assert getattr(flipped, key.lower()) != getattr(frontier, key.lower()), (technique, key)
