@@ -210,7 +210,8 @@ class Hyperparameters:
     compute_dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; bf16 on CPU runs CPU autocast
     compile: str = "auto"
     attention_backend: str = "auto"
-    dist_timeout_seconds: float = 300.0  # collectives; must cover rank 0's GPTQ + compression
+    dist_timeout_seconds: float = 300.0  # collectives while every rank works (training, calibration, eval)
+    export_wait_seconds: float = 1800.0  # other ranks' wait for rank 0's GPTQ, compression and size fit (gloo)
     dry_run: bool = False
 
 
@@ -449,6 +450,7 @@ def validate_config(cfg, world_size):
     need(cfg.gptq_reserve_multiple >= 1, f"GPTQ_RESERVE_MULTIPLE={cfg.gptq_reserve_multiple} must be >= 1")
     need(cfg.compute_dtype in ("auto", "fp32", "bf16"), f"COMPUTE_DTYPE={cfg.compute_dtype!r} must be auto, fp32 or bf16")
     need(cfg.dist_timeout_seconds > 0, f"DIST_TIMEOUT_SECONDS={cfg.dist_timeout_seconds} must be positive")
+    need(cfg.export_wait_seconds > 0, f"EXPORT_WAIT_SECONDS={cfg.export_wait_seconds} must be positive")
     need(cfg.vocab_size <= 65536, f"VOCAB_SIZE={cfg.vocab_size} must fit uint16 shards (<= 65536)")
     need(cfg.muon_ns_coeffs in NS_COEFFS, f"MUON_NS_COEFFS={cfg.muon_ns_coeffs!r} must be one of {sorted(NS_COEFFS)}")
     need(cfg.parallel_final_lane in ("mean", "attn", "mlp"),
@@ -534,6 +536,7 @@ class Runtime:
     fused_mlp: str = "off"
     compile: bool = False
     fullgraph: bool = True
+    wait_group: object = None  # gloo group (EXPORT_WAIT_SECONDS timeout) for waiting on rank 0's export
 
     @property
     def distributed(self):
@@ -685,6 +688,8 @@ def setup_runtime(cfg):
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout_seconds), **kwargs)
     rt = Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
+    if world_size > 1:  # rank 0 alone quantises, compresses and may fit: the others wait with no NCCL op pending
+        rt.wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.export_wait_seconds))
     if cfg.compute_dtype == "bf16" or (cfg.compute_dtype == "auto" and want_cuda):
         # bf16 matmuls (autocast), bf16 embedding and residual stream, bf16 Newton-Schulz, as the record
         rt.compute_dtype = rt.embed_dtype = rt.ns_dtype = torch.bfloat16
@@ -737,17 +742,18 @@ def all_reduce_(tensor, rt):
     return tensor
 
 
-def max_over_ranks(value, rt):
-    """The maximum of a host number over all ranks (one MAX all-reduce and one host sync)."""
-    buf = torch.full((), float(value), dtype=torch.float64, device=rt.device)
+def max_over_ranks(value, rt, group=None):
+    """The maximum of a host number over all ranks (one MAX all-reduce and one host sync); on `group` (a gloo
+    group such as rt.wait_group) the value travels as a CPU tensor."""
+    buf = torch.full((), float(value), dtype=torch.float64, device=rt.device if group is None else "cpu")
     if rt.distributed:
-        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
     return buf.item()
 
 
-def any_rank(flag, rt):
-    """True if `flag` is true on any rank."""
-    return max_over_ranks(float(flag), rt) > 0
+def any_rank(flag, rt, group=None):
+    """True if `flag` is true on any rank (see max_over_ranks for `group`)."""
+    return max_over_ranks(float(flag), rt, group) > 0
 
 
 class Progress:
@@ -4521,7 +4527,8 @@ def log_header(cfg, rt, log, train_glob, val_glob, tok_path):
     nccl = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL"))}
     log(f"device:{rt.device} dtype:{str(rt.compute_dtype).replace('torch.', '')} attention:{rt.attention_backend} "
         f"fused_ce:{rt.fused_ce} fused_mlp:{rt.fused_mlp} compile:{rt.compile} fullgraph:{rt.fullgraph} "
-        f"world_size:{rt.world_size} dist_timeout:{cfg.dist_timeout_seconds:g}s nccl_env:{json.dumps(nccl)}")
+        f"world_size:{rt.world_size} dist_timeout:{cfg.dist_timeout_seconds:g}s export_wait:"
+        f"{cfg.export_wait_seconds:g}s nccl_env:{json.dumps(nccl)}")
     if rt.compile and not rt.fullgraph:
         log(f"WARNING: {rt.attention_backend} is not traceable by torch.compile in this install; compiling with "
             f"graph breaks around attention (slower); a wheel registering torch.ops.flash_attn_3 avoids this")
@@ -4704,7 +4711,9 @@ def export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, l
         failure = e
         report.data.update(status="export_failed", error=f"{type(e).__name__}: {e}")
         report.flush()
-    failed = any_rank(failure is not None, rt)
+    # The other ranks wait here through rank 0's GPTQ, compression and size fit (minutes when it refits):
+    # on the gloo wait group, so the wait is bounded by EXPORT_WAIT_SECONDS, not DIST_TIMEOUT_SECONDS.
+    failed = any_rank(failure is not None, rt, group=rt.wait_group)
     if failure is not None:
         raise failure
     if failed:

@@ -1,5 +1,5 @@
-"""Worker launched by torchrun from tests/test_distributed.py (Muon sharding checks, failure injection) and
-tests/test_lora_ttt.py (LoRA TTT: 2 ranks == 1 rank)."""
+"""Worker launched by torchrun from tests/test_distributed.py (Muon sharding checks, failure injection, a slow
+export) and tests/test_lora_ttt.py (LoRA TTT: 2 ranks == 1 rank)."""
 import sys
 import time
 from pathlib import Path
@@ -59,6 +59,20 @@ def fail_check(cfg, rt):
     time.sleep(300)
 
 
+def slow_export_check(cfg, rt):
+    """The whole pipeline with rank 0's export (GPTQ, compression, size fit) delayed by 2.5 x
+    DIST_TIMEOUT_SECONDS, as a refitting export can take minutes: every rank must still finish."""
+    real = tg.write_and_account
+
+    def delayed(*args, **kwargs):
+        time.sleep(2.5 * cfg.dist_timeout_seconds)
+        return real(*args, **kwargs)
+    tg.write_and_account = delayed
+    code = tg.run_and_report(cfg, rt, tg.Logger(cfg, rt))
+    report(rt.rank, f"SLOW_EXPORT rank={rt.rank} code={code}")
+    tg.shutdown(rt, code)
+
+
 def lora_check():
     """Phased LoRA TTT on a tiny perturbed model: the 2-rank eval and, on each rank, a local 1-rank eval of the
     same model and tokens; prints both val_bpb, the global steps and the cross-rank ledger verdict."""
@@ -97,5 +111,5 @@ if __name__ == "__main__":
         sys.exit(0)
     config = tg.load_config()
     runtime = tg.setup_runtime(config)
-    {"muon": muon_check, "fail": fail_check}[sys.argv[1]](config, runtime)
+    {"muon": muon_check, "fail": fail_check, "slow_export": slow_export_check}[sys.argv[1]](config, runtime)
     dist.destroy_process_group()

@@ -106,6 +106,23 @@ def test_rank_failure_stops_launcher_quickly(tmp_path):
     assert elapsed < 60, elapsed
 
 
+def test_other_ranks_outwait_a_slow_export(dist_data, tmp_path):
+    """Rank 0 quantises, compresses and may refit alone for minutes while the others wait. With
+    DIST_TIMEOUT_SECONDS=8 and rank 0's export delayed by 20 s, both ranks still finish the run and exit 0:
+    they wait on the EXPORT_WAIT_SECONDS gloo group, not on a collective that times out."""
+    env = dict(TINY_RUN, **dist_data, ITERATIONS=2, TTT_ENABLED=0, SLIDING_WINDOW_ENABLED=0, DIST_TIMEOUT_SECONDS=8,
+               RUN_ID="slow", ARTIFACT_PATH=tmp_path / "m.ptz")
+    t0 = time.time()
+    proc = run_script(env, tmp_path, script=ROOT / "tests" / "dist_worker.py", nproc=2, args=["slow_export"],
+                      timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert time.time() - t0 > 20
+    assert [ln.split()[1:] for ln in rank_results(tmp_path, "SLOW_EXPORT")] == [["rank=0", "code=0"],
+                                                                              ["rank=1", "code=0"]]
+    log = read_log(tmp_path, "slow")
+    assert re.search(r"dist_timeout:8s export_wait:1800s", log) and re.search(r"^quantized val_loss:", log, re.M)
+
+
 def test_successful_two_rank_runs_always_exit_zero(dist_data, tmp_path):
     """A finished 2-rank run exits 0 on every rank, every time (it once aborted in teardown with 'terminate
     called without an active exception'): three back-to-back runs, each must finish, write its summary and

@@ -651,18 +651,20 @@ def test_a_diverging_run_stops_early_with_one_clear_line(tmp_path, tmp_path_fact
     assert summary["status"] == "diverged" and f"step {step}" in summary["error"]
 
 
-def test_packed_copy_builds_the_record_model_like_the_source(tmp_path, packed_script):
-    """DRY_RUN=1 with the record preset: the packed copy builds the same 35,944,536-parameter model and the
-    same preflight estimate as the source, and counts its own file as the code bytes."""
-    out, printed, _ = packed_script
+@pytest.mark.parametrize("preset,params", [("record", 35944536), ("frontier", 35945671)])
+def test_packed_copy_builds_the_preset_model_like_the_source(tmp_path, preset, params):
+    """DRY_RUN=1: the copy packed for PRESET=record / frontier builds the same model (the record's 35,944,536,
+    the leader's 35,945,671 parameters) and the same preflight estimate as the source, whose estimate counts
+    that copy's bytes."""
+    out, printed, _ = ph.pack_with_env({"PRESET": preset}, tmp_path / "packed")
     logs = {}
     for name, script in (("src", ph.SCRIPT), ("packed", out)):
-        ph.run_script(script, {"DRY_RUN": "1", "RUN_ID": name, "LOG_DIR": tmp_path}, cwd=tmp_path)
+        ph.run_script(script, {"PRESET": preset, "DRY_RUN": "1", "RUN_ID": name, "LOG_DIR": tmp_path}, cwd=tmp_path)
         logs[name] = (tmp_path / f"{name}.txt").read_text()
     for key in (r"^model_params:(\d+)$", r"^preflight:predicted artifact total ~(\d+) bytes"):
         a, b = (re.search(key, logs[n], re.M).group(1) for n in ("src", "packed"))
         assert a == b, key
-    assert re.search(r"^model_params:35944536$", logs["packed"], re.M)
+    assert re.search(rf"^model_params:{params}$", logs["packed"], re.M)
 
 
 # ---------------------------------------------------------------------------------------------

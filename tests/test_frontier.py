@@ -2,7 +2,9 @@
 record, the leader's parameter count, SmearGate's BOS mask, the sparse attention gate, the two-lane parallel
 decoder and the Polar Express Newton-Schulz schedule."""
 import math
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,13 +286,13 @@ def frontier_run(tmp_path_factory):
                EXPECTED_VAL_TOKENS="0", PARALLEL_RESIDUAL_START="2", MAX_WALLCLOCK_SECONDS="0",
                QUANT_MIN_NUMEL="1024", SIZE_LIMIT_BYTES="4000000", GPTQ_CALIBRATION_BATCHES="1", LQER_TOP_K="2")
     ph.run_script(ph.SCRIPT, env, cwd=run_dir)
-    return (run_dir / "frontier.txt").read_text(), json.loads((run_dir / "frontier.summary.json").read_text())
+    return (run_dir / "frontier.txt").read_text(), json.loads((run_dir / "frontier.summary.json").read_text()), env
 
 
 def test_frontier_preset_runs_every_stage_legally(frontier_run):
     """Every frontier switch is on in the run, every stage ran, the per-group compressor wrote the artifact,
     LQER corrected tensors, and both legality lines are True."""
-    log, summary = frontier_run
+    log, summary, _ = frontier_run
     cfg = summary["config"]
     for key, want in (("smear_gate", True), ("sparse_attn_gate", True), ("parallel_lanes", True), ("lqer", True),
                       ("muon_ns_coeffs", "polar_express"), ("compressor", "pergroup"), ("embed_bits", 7)):
@@ -302,3 +304,21 @@ def test_frontier_preset_runs_every_stage_legally(frontier_run):
     lines = ph.legality_lines(log)
     assert len(lines) >= 2 and all(once == before == "True" for _, once, before in lines)
     assert summary["status"] == "ok" and summary["model_params"] > 0
+
+
+def test_frontier_packed_copy_runs_exactly_like_the_source(frontier_run, tmp_path):
+    """The copy packed with the frontier run's settings (every frontier switch on, the rest folded away)
+    trains, exports and evaluates bit for bit like the source and counts its own bytes, which the source run
+    counted too."""
+    log, summary, env = frontier_run
+    out, printed, _ = ph.pack_with_env(env, tmp_path / "packed")
+    run_env = dict(env, LOG_DIR=tmp_path, ARTIFACT_PATH=tmp_path / "model.ptz", RUN_ID="packed")
+    ph.run_script(out, run_env, cwd=tmp_path)
+    packed_log = (tmp_path / "packed.txt").read_text()
+    assert ph.train_losses(packed_log) == ph.train_losses(log) and len(ph.train_losses(log)) == 6
+    for name in ("pre-quantization post-ema", "quantized", "quantized_sliding_window", "quantized_ttt_lora"):
+        assert ph.metric(packed_log, name) == ph.metric(log, name), name
+    assert (tmp_path / "model.ptz").read_bytes() == Path(summary["artifact_path"]).read_bytes()
+    assert summary["bytes_code"] == printed == os.path.getsize(out)
+    assert summary["code_packed_for"] == tg.pack_switches(tg.load_config(
+        {k: str(v) for k, v in env.items() if k.lower() in tg.PACK_SWITCHES or k == "PRESET"}))
