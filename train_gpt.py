@@ -1767,8 +1767,9 @@ def flops_per_token(model, looped, seq_len):
 # =============================================================================================
 
 # Newton-Schulz coefficient schedules: (a, b, c) of X <- aX + (bA + cA^2)X per iteration (the last one repeats).
+NS_QUINTIC = ((3.4445, -4.7750, 2.0315),)  # the record's fixed triple
 NS_COEFFS = {
-    "quintic": ((3.4445, -4.7750, 2.0315),),  # the record's fixed triple
+    "quintic": NS_QUINTIC,
     "polar_express": ((8.156554524902461, -22.48329292557795, 15.878769915207462),  # the leader's 5 steps
                       (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                       (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -1783,7 +1784,7 @@ def newton_schulz5(G, steps, dtype, coeffs=None):
 
     Iteration i uses coeffs[min(i, len - 1)] of a NS_COEFFS schedule (default: the record's quintic), so a
     schedule shorter than `steps` repeats its last triple (the leader's code instead stops after its 5)."""
-    coeffs = NS_COEFFS["quintic"] if coeffs is None else coeffs
+    coeffs = NS_QUINTIC if coeffs is None else coeffs
     X = G.to(dtype)
     transposed = X.size(0) > X.size(1)
     if transposed:
@@ -3114,7 +3115,8 @@ PACK_STUB_PREFIX = "import brotli as Z,linecache as C\n"
 PACK_DIGITS = bytes(c for c in range(1, 128) if c not in b'\r"\\')
 PACK_OMIT = ("smoke_corpus_documents", "train_sentencepiece", "shared_text_documents", "build_default_data",
              "strip_docstrings", "SwitchFolder", "prune_unreferenced", "unresolved_globals", "LocalRenamer",
-             "squeeze_whitespace", "specialised_tree", "minify_source", "pack_source", "pack_command")
+             "squeeze_whitespace", "hoist_fstring_strings", "specialised_tree", "minify_source", "pack_source",
+             "pack_command")
 # Definitions that code outside any switch test can still reach (artifact readers, kernel dispatch, hooks),
 # kept only when a switch allows them: name -> (switch, values that need it).
 PACK_NEEDS = {
@@ -3169,9 +3171,10 @@ def truth(node):
 
 
 def is_pure(node):
-    """True if evaluating `node` cannot have a side effect worth keeping (no calls, awaits or assignments)."""
-    return not any(isinstance(n, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom, ast.NamedExpr, ast.Lambda))
-                   for n in ast.walk(node))
+    """True if `node` may be dropped from a test: no calls, awaits, assignments or subscripts (which can
+    raise, e.g. KeyError), only names, attributes, constants and their comparisons and and/or/not."""
+    return not any(isinstance(n, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom, ast.NamedExpr, ast.Lambda,
+                                  ast.Subscript)) for n in ast.walk(node))
 
 
 def simplify_test(node):
@@ -3255,6 +3258,33 @@ class SwitchFolder(ast.NodeTransformer):
         node.values = kept
         return node
 
+    def visit_JoinedStr(self, node):
+        """f"...{<constant>!r}..." -> the text it formats to (no format spec), merged with its neighbours, so a
+        folded switch never leaves a quoted constant inside an f-string (3.12 may unparse it with the outer
+        quote, which Python 3.10/3.11 cannot read)."""
+        self.generic_visit(node)
+        parts = []
+        for part in node.values:
+            if isinstance(part, ast.FormattedValue) and isinstance(part.value, ast.Constant) \
+                    and part.format_spec is None:
+                convert = {-1: format, 115: str, 114: repr, 97: ascii}[part.conversion]
+                part = ast.Constant(convert(part.value.value))
+            if parts and isinstance(part, ast.Constant) and isinstance(parts[-1], ast.Constant):
+                parts[-1] = ast.Constant(parts[-1].value + part.value)
+            else:
+                parts.append(part)
+        if all(isinstance(p, ast.Constant) for p in parts):
+            return ast.copy_location(ast.Constant("".join(p.value for p in parts)), node)
+        node.values = parts
+        return node
+
+    def visit_FormattedValue(self, node):
+        """Keep a format spec a JoinedStr even when visit_JoinedStr folded it to text (the AST requires it)."""
+        self.generic_visit(node)
+        if isinstance(node.format_spec, ast.Constant):
+            node.format_spec = ast.JoinedStr([node.format_spec])
+        return node
+
     def visit_IfExp(self, node):
         """a if <constant> else b -> the branch taken."""
         self.generic_visit(node)
@@ -3331,7 +3361,9 @@ def fill_empty_bodies(tree):
             if isinstance(block, list):
                 end = next((i for i, st in enumerate(block)
                             if isinstance(st, (ast.Return, ast.Raise, ast.Break, ast.Continue))), len(block))
-                del block[end + 1:]
+                dead = [n for st in block[end + 1:] for n in ast.walk(st)]
+                if not any(isinstance(n, (ast.Yield, ast.YieldFrom, ast.Await)) for n in dead):
+                    del block[end + 1:]  # (a yield, even unreachable, makes its function a generator)
         if not isinstance(node, ast.Module) and isinstance(getattr(node, "body", None), list) and not node.body:
             node.body = [ast.Pass()]
     return tree
@@ -3616,14 +3648,11 @@ def squeeze_whitespace(text):
         if kind in ("NL", "NEWLINE", "INDENT", "DEDENT", "COMMENT", "ENDMARKER"):
             prev = None
             continue
-        if kind == "FSTRING_START":
-            depth += 1
         if depth == 0 and prev is not None and prev.end[0] == tok.start[0] and prev.end[1] < tok.start[1]:
             keep = (word(prev.string[-1]) and word(tok.string[0])) or tokenize.tok_name[prev.type] == "NUMBER"
-            if not keep:
+            if not keep:  # (3.12+ splits f-strings into tokens: the test sees FSTRING_START like a STRING)
                 cuts.append((tok.start[0] - 1, prev.end[1], tok.start[1]))
-        if kind == "FSTRING_END":
-            depth -= 1
+        depth += (kind == "FSTRING_START") - (kind == "FSTRING_END")
         prev = tok if depth == 0 else None
     for row, a, b in reversed(cuts):
         lines[row] = lines[row][:a] + lines[row][b:]
@@ -3645,6 +3674,31 @@ def masked_dump(tree):
     return ast.dump(tree)
 
 
+def hoist_fstring_strings(tree):
+    """Move every string constant inside an f-string's replacement fields (e.g. f"{d['k']}") into a module-level
+    name (_fs0 = 'k'; f"{d[_fs0]}"): Python 3.12+ unparses such a constant with the f-string's own quote, which
+    Python 3.10/3.11 cannot read, so a copy packed on any version runs on every one. Returns the tree."""
+    taken = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names, fields = {}, [n.value for n in ast.walk(tree) if isinstance(n, ast.FormattedValue)]
+    for field in fields:
+        for node in ast.walk(field):
+            if isinstance(node, ast.JoinedStr):
+                raise RuntimeError(f"pack: nested f-string in a replacement field ({ast.unparse(field)}): compute it "
+                                   f"before the f-string")
+            for name, child in ast.iter_fields(node):
+                items = child if isinstance(child, list) else [child]
+                for i, item in enumerate(items):
+                    if isinstance(item, ast.Constant) and isinstance(item.value, (str, bytes)):
+                        key = (type(item.value), item.value)
+                        if key not in names:
+                            names[key] = next(f"_fs{k}" for k in range(len(names), 10 ** 6) if f"_fs{k}" not in taken)
+                        items[i] = ast.Name(names[key], ast.Load())
+                if not isinstance(child, list) and items[0] is not child:
+                    setattr(node, name, items[0])
+    tree.body[0:0] = [ast.Assign([ast.Name(n, ast.Store())], ast.Constant(v), lineno=0) for (_, v), n in names.items()]
+    return tree
+
+
 def specialised_tree(source, switches=None):
     """The packed copy's program (before renaming): `source` without docstrings/comments, PACK_OMIT definitions
     replaced by NotPacked stand-ins, specialised to `switches` (a pack_switches dict; None: every code path
@@ -3658,6 +3712,7 @@ def specialised_tree(source, switches=None):
         tree = specialise(tree, switches)
     else:
         tree = prune_unreferenced(tree)
+    tree = ast.fix_missing_locations(hoist_fstring_strings(tree))
     missing = unresolved_globals(ast.unparse(tree))
     if missing:
         raise RuntimeError(f"pack: the packed copy would read undefined names {missing} (add the definitions "

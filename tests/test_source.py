@@ -22,14 +22,68 @@ def test_parses_with_python_310_grammar(path):
     ast.parse(path.read_text(encoding="utf-8"), feature_version=(3, 10))
 
 
-def python310():
-    """Path of a working Python 3.10 interpreter (PATH or pyenv), or None."""
-    candidates = [shutil.which("python3.10")] + sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python3")))
+def python_version(minor):
+    """Path of a working Python 3.<minor> interpreter (PATH or pyenv), or None."""
+    candidates = [shutil.which(f"python3.{minor}")] + sorted(
+        glob.glob(os.path.expanduser(f"~/.pyenv/versions/3.{minor}.*/bin/python3")))
     for exe in filter(None, candidates):
-        if subprocess.run([exe, "-c", "import sys; assert sys.version_info[:2] == (3, 10)"],
+        if subprocess.run([exe, "-c", f"import sys; assert sys.version_info[:2] == (3, {minor})"],
                           capture_output=True).returncode == 0:
             return exe
     return None
+
+
+def python310():
+    """Path of a working Python 3.10 interpreter (PATH or pyenv), or None."""
+    return python_version(10)
+
+
+# A module with the f-string shapes that differ across Python versions (string constants and quotes inside
+# replacement fields, conversions, format specs), a folded switch inside an f-string, and dead code.
+FSTRING_SNIPPET = '''
+def report(cfg, result, looped, width):
+    head = f"legality: positions={result['positions']} once={result['once']!s:>5}"
+    label = f"{'loop_warmup_step' if looped else 'warmup_step'}: {', '.join(sorted(result))}"
+    mode = f"COMPRESSOR={cfg.compressor!r} x={width:>{width}} {cfg.lqer}"
+    if cfg.lqer:
+        mode += f" {len('utf-8'.encode('utf-8'))}"
+    return head + label + mode
+report
+'''
+
+
+def packer_module_source():
+    """The packer's definitions from train_gpt.py as a module that needs neither torch nor numpy."""
+    tree = ast.parse((ROOT / "train_gpt.py").read_text(encoding="utf-8"))
+    import train_gpt as tg
+    keep = set(tg.PACK_OMIT) | {"ConfigError", "NotPacked", "PACK_OMIT", "PACK_NEEDS", "PACK_DICTS", "PACKED",
+                                "_UNKNOWN", "literal_value", "truth", "is_pure", "simplify_test", "fill_empty_bodies",
+                                "bound_names", "specialise", "replace_with_stand_ins", "masked_dump"}
+    body = [n for n in tree.body if isinstance(n, ast.Import) and n.names[0].name in ("ast", "copy")]
+    body += [n for n in tree.body if (getattr(n, "name", None) in keep)
+             or (isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) in keep)]
+    return ast.unparse(ast.Module(body=body, type_ignores=[]))
+
+
+@pytest.mark.parametrize("minor", [12, 13])
+def test_packing_on_a_newer_python_gives_the_same_copy_and_it_reads_on_310(minor, tmp_path):
+    """The packer on Python 3.12/3.13 (which unparse and tokenize f-strings differently) writes the same
+    minified text as here, and that text compiles under Python 3.10."""
+    import train_gpt as tg
+    newer, old = python_version(minor), python310()
+    if newer is None or old is None:
+        pytest.skip(f"needs Python 3.{minor} and 3.10 interpreters")
+    script = tmp_path / "pack_snippet.py"
+    script.write_text(packer_module_source() + "\nimport sys\nsys.stdout.write(minify_source(sys.stdin.read(), "
+                      "{'compressor': 'brotli', 'lqer': False}))\n")
+    proc = subprocess.run([newer, str(script)], input=FSTRING_SNIPPET, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    here = tg.minify_source(FSTRING_SNIPPET, {"compressor": "brotli", "lqer": False})
+    assert proc.stdout == here
+    assert "'brotli'" in here and "utf-8" not in here.split("def report")[1]  # folded; constants hoisted
+    check = subprocess.run([old, "-c", "import sys; compile(sys.stdin.read(), 'x', 'exec')"], input=proc.stdout,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
 
 
 def test_compiles_under_a_real_python_310():
