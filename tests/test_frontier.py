@@ -284,7 +284,8 @@ def frontier_run(tmp_path_factory):
     train_glob, _, _ = tg.data_paths(cfg)
     env.update(PRESET="frontier", CASEOPS="0", VOCAB_SIZE="1024", TRAIN_FILES=train_glob, TOKENIZER_PATH=str(tok),
                EXPECTED_VAL_TOKENS="0", PARALLEL_RESIDUAL_START="2", MAX_WALLCLOCK_SECONDS="0",
-               QUANT_MIN_NUMEL="1024", SIZE_LIMIT_BYTES="4000000", GPTQ_CALIBRATION_BATCHES="1", LQER_TOP_K="2")
+               QUANT_MIN_NUMEL="1024", SIZE_LIMIT_BYTES="4000000", GPTQ_CALIBRATION_BATCHES="1", LQER_TOP_K="2",
+               LORA_RANK="8", LORA_BATCH_DOCS="4", LORA_CHUNK_TOKENS="64")  # LoRA TTT at this size (CI time)
     ph.run_script(ph.SCRIPT, env, cwd=run_dir)
     return (run_dir / "frontier.txt").read_text(), json.loads((run_dir / "frontier.summary.json").read_text()), env
 
