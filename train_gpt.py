@@ -3109,12 +3109,14 @@ def load_artifact_model(cfg, rt, path):
 # of the run's configuration: the source without docstrings and comments, specialised to those values
 # (SwitchFolder: code they can never run is folded away, definitions nothing uses any more are dropped), the
 # dev-only definitions of PACK_OMIT and the unneeded ones of PACK_NEEDS left as NotPacked stand-ins that say so,
-# function-local names shortened, one-space indentation, then brotli-11 + base85 inside a two-line stub. The
-# packer proves every name the copy reads is defined (symtable) and that renaming changed nothing else (AST).
+# function-local names shortened, one-space indentation, then brotli-11 written as base-124 ASCII digits inside a
+# small stub. The packer proves every name the copy reads is defined (symtable) and that renaming changed
+# nothing else (AST).
 PACK_STUB_PREFIX = "import brotli as Z,linecache as C\n"
 PACK_DIGITS = bytes(c for c in range(1, 128) if c not in b'\r"\\')
 PACK_OMIT = ("smoke_corpus_documents", "train_sentencepiece", "shared_text_documents", "build_default_data",
              "strip_docstrings", "SwitchFolder", "prune_unreferenced", "unresolved_globals", "LocalRenamer",
+             "replace_children",
              "squeeze_whitespace", "hoist_fstring_strings", "specialised_tree", "minify_source", "pack_source",
              "pack_command")
 # Definitions that code outside any switch test can still reach (artifact readers, kernel dispatch, hooks),
@@ -3314,29 +3316,31 @@ class SwitchFolder(ast.NodeTransformer):
         """Fold the body; then a local assigned a constant (number, string, bool, None) exactly once, by a
         statement of the body itself, is replaced by it in the statements after it (and folded again)."""
         self.generic_visit(node)
-        stores = {}
+        stores = {}  # name -> bindings anywhere inside (parameters, imports, global/nonlocal: never candidates)
         for n in ast.walk(node):
             if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
-                stores[n.id] = stores.get(n.id, 0) + 1
-            elif isinstance(n, (ast.arg, ast.alias, ast.ExceptHandler, ast.FunctionDef, ast.ClassDef,
-                                ast.Global, ast.Nonlocal)):
-                for name in (getattr(n, "names", None) or [getattr(n, "arg", None) or getattr(n, "asname", None)
-                                                             or getattr(n, "name", None)]):
-                    name = getattr(name, "asname", None) or getattr(name, "name", name)
-                    stores[name] = stores.get(name, 0) + 2  # never a candidate
+                names, weight = [n.id], 1
+            elif isinstance(n, ast.arg):
+                names, weight = [n.arg], 2
+            elif isinstance(n, ast.alias):
+                names, weight = [(n.asname or n.name).split(".")[0]], 2
+            elif isinstance(n, (ast.Global, ast.Nonlocal)):
+                names, weight = n.names, 2
+            elif isinstance(n, (ast.ExceptHandler, ast.FunctionDef, ast.ClassDef)) and n.name:
+                names, weight = [n.name], 2
+            else:
+                continue
+            for name in names:
+                stores[name] = stores.get(name, 0) + weight
         for i, stmt in enumerate(node.body):
             if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
                     and stores.get(stmt.targets[0].id) == 1 and isinstance(stmt.value, ast.Constant)):
                 continue  # only immutable constants: `out = []` is a fresh list, never a literal to copy
             name, value = stmt.targets[0].id, stmt.value.value
+            swap = lambda c: ast.copy_location(ast.Constant(value), c) \
+                if isinstance(c, ast.Name) and c.id == name else None
             for later in node.body[i + 1:]:
-                for n in ast.walk(later):
-                    for field, child in ast.iter_fields(n):
-                        if isinstance(child, ast.Name) and child.id == name:
-                            setattr(n, field, ast.copy_location(ast.Constant(value), child))
-                        elif isinstance(child, list):
-                            child[:] = [ast.copy_location(ast.Constant(value), c) if isinstance(c, ast.Name)
-                                        and c.id == name else c for c in child]
+                replace_children(later, swap)
             self.generic_visit(node)
         return node
 
@@ -3350,6 +3354,16 @@ class SwitchFolder(ast.NodeTransformer):
                 pairs = [(k, v) for k, v in zip(node.value.keys, node.value.values) if literal_value(k) == keep]
                 node.value.keys, node.value.values = [k for k, _ in pairs], [v for _, v in pairs]
         return node
+
+
+def replace_children(root, replace):
+    """Below `root`, swap every child node for replace(child) when that returns a node (None: keep it)."""
+    for node in ast.walk(root):
+        for field, child in ast.iter_fields(node):
+            if isinstance(child, list):
+                child[:] = [(replace(c) or c) if isinstance(c, ast.AST) else c for c in child]
+            elif isinstance(child, ast.AST):
+                setattr(node, field, replace(child) or child)
 
 
 def fill_empty_bodies(tree):
@@ -3679,22 +3693,23 @@ def hoist_fstring_strings(tree):
     name (_fs0 = 'k'; f"{d[_fs0]}"): Python 3.12+ unparses such a constant with the f-string's own quote, which
     Python 3.10/3.11 cannot read, so a copy packed on any version runs on every one. Returns the tree."""
     taken = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
-    names, fields = {}, [n.value for n in ast.walk(tree) if isinstance(n, ast.FormattedValue)]
-    for field in fields:
-        for node in ast.walk(field):
-            if isinstance(node, ast.JoinedStr):
-                raise RuntimeError(f"pack: nested f-string in a replacement field ({ast.unparse(field)}): compute it "
-                                   f"before the f-string")
-            for name, child in ast.iter_fields(node):
-                items = child if isinstance(child, list) else [child]
-                for i, item in enumerate(items):
-                    if isinstance(item, ast.Constant) and isinstance(item.value, (str, bytes)):
-                        key = (type(item.value), item.value)
-                        if key not in names:
-                            names[key] = next(f"_fs{k}" for k in range(len(names), 10 ** 6) if f"_fs{k}" not in taken)
-                        items[i] = ast.Name(names[key], ast.Load())
-                if not isinstance(child, list) and items[0] is not child:
-                    setattr(node, name, items[0])
+    names = {}
+
+    def hoist(c):
+        """A str/bytes constant -> the Name of its module-level copy (None for anything else)."""
+        if not (isinstance(c, ast.Constant) and isinstance(c.value, (str, bytes))):
+            return None
+        key = (type(c.value), c.value)
+        if key not in names:
+            names[key] = next(f"_fs{k}" for k in range(len(names), 10 ** 6) if f"_fs{k}" not in taken)
+        return ast.Name(names[key], ast.Load())
+
+    for field in [n for n in ast.walk(tree) if isinstance(n, ast.FormattedValue)]:
+        if any(isinstance(n, ast.JoinedStr) for n in ast.walk(field.value)):
+            raise RuntimeError(f"pack: nested f-string in a replacement field ({ast.unparse(field.value)}): compute "
+                               f"it before the f-string")
+        field.value = hoist(field.value) or field.value
+        replace_children(field.value, hoist)
     tree.body[0:0] = [ast.Assign([ast.Name(n, ast.Store())], ast.Constant(v), lineno=0) for (_, v), n in names.items()]
     return tree
 
@@ -3775,18 +3790,13 @@ def describe_switches(switches):
     return ", ".join(f"{k.upper()}={spell(v)}" for k, v in switches.items())
 
 
-def counted_code_switches(cfg):
-    """The switch values of the code counted for this run: a packed file's own PACKED, else pack_switches(cfg)."""
-    running = Path(__file__).read_text(encoding="utf-8")
-    return dict(PACKED) if running.startswith(PACK_STUB_PREFIX) else pack_switches(cfg)
-
-
-_CODE_BYTES = {}  # (source text, switches) -> (bytes, description): packing takes seconds, so once per process
+_CODE_BYTES = {}  # (source text, switches) -> code_bytes() result: packing takes seconds, so once per process
 
 
 def code_bytes(cfg):
-    """(bytes counted for code, description): the running file if packed, else the size of its copy packed
-    for `cfg` (what `python3 train_gpt.py pack` writes with the same settings)."""
+    """(bytes counted for code, description, switch values they were counted for): the running file and its
+    own PACKED if it is a packed copy, else the size of its copy packed for `cfg` (what `python3 train_gpt.py
+    pack` writes with the same settings) and pack_switches(cfg)."""
     running = Path(__file__).read_text(encoding="utf-8")
     switches = pack_switches(cfg)
     key = (running, json.dumps(switches, sort_keys=True))
@@ -3798,11 +3808,11 @@ def code_bytes(cfg):
 def _count_code_bytes(running, switches):
     """code_bytes() without the cache."""
     if running.startswith(PACK_STUB_PREFIX):
-        return len(running.encode("utf-8")), f"packed file {Path(__file__).name} (running it)"
+        return len(running.encode("utf-8")), f"packed file {Path(__file__).name} (running it)", dict(PACKED)
     packed = len(pack_source(running, switches).encode("utf-8"))
     return packed, (f"packed self-extracting copy of {Path(__file__).name} for {describe_switches(switches)} "
                     f"(python3 train_gpt.py pack with these settings; readable source is "
-                    f"{len(running.encode('utf-8'))} bytes)")
+                    f"{len(running.encode('utf-8'))} bytes)"), switches
 
 
 PREFLIGHT_ESTIMATE_ERROR = 0.01  # the entropy estimate is within ~1% of the record's real size
@@ -4754,14 +4764,15 @@ def export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, l
         f"eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
     report.setdefault("results", {})["pre_quantization_post_ema"] = {"val_loss": loss, "val_bpb": bpb}
     raw_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    code_n, code_desc = code_bytes(cfg)
+    code = code_bytes(cfg)
+    code_n, code_desc, _ = code
     log(f"Serialized model: {raw_bytes} bytes")
     log(f"Code size: {code_n} bytes ({code_desc})")
     path = cfg.artifact_path
     failure = None
     try:
         if rt.is_main:
-            write_and_account(cfg, rt, model, hessians, code_n, code_desc, byte_counter, log, report)
+            write_and_account(cfg, rt, model, hessians, code, byte_counter, log, report)
     except Exception as e:  # every rank must learn about it, or the others wait in the barrier
         failure = e
         report.data.update(status="export_failed", error=f"{type(e).__name__}: {e}")
@@ -4778,11 +4789,13 @@ def export_model(cfg, rt, model, train_files, stats, val_tokens, byte_counter, l
     return path
 
 
-def write_and_account(cfg, rt, model, hessians, code_n, code_desc, byte_counter, log, report):
-    """Rank 0: GPTQ-quantise, write the artifact, fit it under SIZE_LIMIT_BYTES if needed, log the bytes.
+def write_and_account(cfg, rt, model, hessians, code, byte_counter, log, report):
+    """Rank 0: GPTQ-quantise, write the artifact, fit it under SIZE_LIMIT_BYTES if needed, log the bytes
+    (`code` is code_bytes(cfg)).
 
     The first artifact is written before any fitting, so a failed fit still leaves it on disk."""
     path, arch = cfg.artifact_path, architecture(cfg)
+    code_n, code_desc, code_packed_for = code
     t = time.perf_counter()
     def quantize(clip_scale):
         """GPTQ at this clip scale, plus the LQER corrections when enabled."""
@@ -4826,7 +4839,7 @@ def write_and_account(cfg, rt, model, hessians, code_n, code_desc, byte_counter,
     log(f"size:headroom {cfg.size_limit_bytes - total} bytes under SIZE_LIMIT_BYTES={cfg.size_limit_bytes} "
         f"(quantize+serialize {time.perf_counter() - t:.1f}s)")
     report.data.update(bytes_model=model_bytes, bytes_code=code_n, bytes_total=total, artifact_path=path,
-                       code_bytes_counted=code_desc, code_packed_for=counted_code_switches(cfg))
+                       code_bytes_counted=code_desc, code_packed_for=code_packed_for)
     report.flush()
 
 

@@ -420,7 +420,7 @@ def test_code_bytes_and_pack_command_agree(packed_script):
     packed_text = tg.pack_source(source, switches)
     assert printed == os.path.getsize(out) == len(packed_text.encode("utf-8"))
     assert out.read_text(encoding="utf-8") == packed_text  # packing is deterministic
-    n, desc = tg.code_bytes(cfg)
+    n, desc, counted_for = tg.code_bytes(cfg)
     assert n == printed and "pack" in desc and "PRESET=record" in desc
     assert n < len(source.encode("utf-8")) / 5
     assert all(0 < b < 128 and b not in (13,) for b in packed_text.encode("utf-8"))  # ASCII, no CR
