@@ -3,13 +3,16 @@ and what each way of writing the compressed bytes into the stub costs.
 
 Measured on the copy packed for PRESET=record (what a record submission ships). Each transform figure is
 brotli-11 bytes of the minified source (what `python3 train_gpt.py pack` compresses) minus the same after the
-transform. The transforms are measured, never shipped: shortening error messages or module-level names would
+transform. The last rows compress the same text with other compressors a stub could call. The transforms are
+measured, never shipped: shortening error messages or module-level names would
 make the shipped file harder to review and its tracebacks unreadable.
 
     python3 bench/pack_study.py
 """
 import ast
 import base64
+import bz2
+import lzma
 from pathlib import Path
 
 import brotli
@@ -56,6 +59,22 @@ def rename_module_defs(tree):
     return tree
 
 
+def other_compressors(data):
+    """(label, bytes) for the same minified text under other compressors a stub could call: the record's raw
+    LZMA2 stream, bzip2, and PPMd (the pyppmd package, not a dependency of this project) when installed."""
+    lzma_raw = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": 3, "lp": 0, "pb": 0}]
+    rows = [("LZMA2 raw, preset 9e, pb=0 (the record's wrapper, tuned)",
+             len(lzma.compress(data, format=lzma.FORMAT_RAW, filters=lzma_raw))),
+            ("bzip2 -9", len(bz2.compress(data, 9)))]
+    try:
+        import pyppmd
+    except ImportError:
+        rows.append(("PPMd (pyppmd not installed: pip install pyppmd to measure)", None))
+    else:
+        rows.append(("PPMd order 16 (pyppmd; a new dependency)", len(pyppmd.compress(data, max_order=16))))
+    return rows
+
+
 def main():
     tg = load_train_gpt(ROOT / "train_gpt.py")
     source = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
@@ -72,6 +91,8 @@ def main():
     again = compressed(tg.minify_source(mini))  # each transform is re-minified (one-space indentation) too
     for label, tree in rows:
         print(f"{label}: {again - compressed(tg.minify_source(ast.unparse(tree))):,} compressed bytes saved")
+    for label, size in other_compressors(mini.encode("utf-8")):
+        print(f"{label}: " + ("not measured" if size is None else f"{size:,} bytes (brotli-11: {base:,})"))
 
 
 if __name__ == "__main__":
