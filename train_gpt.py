@@ -1151,6 +1151,10 @@ class ByteCounter:
         """Bytes per position (int64, same shape): base[t] + (leading space of t and prev not a boundary)."""
         return self.base[target] + (self.space[target] & ~self.boundary[prev]).long()
 
+    def unpositioned_total(self, prev, target):
+        """Total bytes (float) of text that is not at validation positions (e.g. sampled): exact here."""
+        return self.count(prev, target).sum().item()
+
 
 class SidecarByteCounter:
     """ByteCounter's interface for CaseOps: bytes of the untransformed text, read by absolute target position."""
@@ -1161,6 +1165,11 @@ class SidecarByteCounter:
     def count(self, prev, target, target_pos):
         """Bytes per position (int64): sidecar[target_pos] (prev/target are not needed)."""
         return self.bytes[target_pos].long()
+
+    def unpositioned_total(self, prev, target):
+        """Total bytes (float) of text that is not at validation positions (e.g. sampled): the sidecar is
+        indexed by position, so this estimates it as target.numel() x the mean bytes per validation token."""
+        return self.bytes[1:].double().mean().item() * target.numel()
 
 
 # =============================================================================================
@@ -2672,13 +2681,16 @@ def fit_to_size(cfg, model, hessians, entries, encode, target, log, quantize=Non
 
 @torch.no_grad()
 def sample_sequences(model, rt, n, length, looped, seed=0):
-    """n sequences (n, length+1) sampled at temperature 1 from the model, each starting at BOS."""
+    """n sequences (n, length+1) sampled at temperature 1 from the model, each starting at BOS.
+
+    Every forward sees the full (n, length+1) buffer (not-yet-sampled positions hold BOS; causality keeps
+    them out of position t's logits): one shape, so fused kernels autotune once and not once per length."""
     gen = torch.Generator(device=rt.device).manual_seed(seed)
-    ids = torch.full((n, 1), BOS_ID, dtype=torch.int64, device=rt.device)
-    for _ in range(length):
+    ids = torch.full((n, length + 1), BOS_ID, dtype=torch.int64, device=rt.device)
+    for t in range(length):
         with rt.autocast():
-            logits = model.logits(ids, looped)[:, -1].float()
-        ids = torch.cat([ids, torch.multinomial(logits.softmax(-1), 1, generator=gen)], dim=1)
+            logits = model.logits(ids, looped)[:, t].float()
+        ids[:, t + 1] = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
     return ids
 
 
@@ -2688,7 +2700,7 @@ def fit_cost_bpb(cfg, rt, model, before, after, byte_counter, looped, n_seqs=8):
     sequences sampled from the float model (no training or validation data), in bits per byte."""
     ids = sample_sequences(model, rt, n_seqs, min(cfg.eval_seq_len, 512), looped)
     x, y = ids[:, :-1], ids[:, 1:]
-    nbytes = byte_counter.count(x, y).sum().item()
+    nbytes = byte_counter.unpositioned_total(x, y)
     scratch = copy.deepcopy(model)
     nll = []
     for entries in (before, after):
@@ -4073,6 +4085,7 @@ def eval_ttt(cfg, rt, model, loss_fn, nll_fn, val_tokens, byte_counter, looped, 
         version = ttt_train_chunk(cfg, rt, model, loss_fn, optimizer, val_tokens, c0, c1, lr, looped, ledger,
                                   version)
         trained_chunks += 1
+        rt.sync()  # the chunk's queued device work belongs to its time (any_rank below waits anyway)
         chunk_seconds.append(time.perf_counter() - t_chunk)
         if trained_chunks < min(TTT_GUARD_MIN_CHUNKS, num_chunks - 1):
             continue  # first chunks carry one-off costs; project from a steady-state window
@@ -4364,6 +4377,7 @@ def eval_ttt_lora_phased(cfg, rt, model, lora_nll_fn, global_nll_fn, val_tokens,
                     counts[0] += lora_score_batch(cfg, rt, lora_nll_fn, bank, tokens, byte_counter, looped, docs,
                                                   starts, ends, sums, ledger, version, adapt, per_position)
                     counts[1] += len(docs) if adapt else 0
+                    rt.sync()  # time the batch's device work, not only its queueing
                 lora_s, work_done, done = lora_s + time.perf_counter() - t, work_done + work[done], done + 1
                 progress.update(done)
                 if not adapt or done < min(LORA_GUARD_MIN_BATCHES, len(work)):
@@ -4379,6 +4393,7 @@ def eval_ttt_lora_phased(cfg, rt, model, lora_nll_fn, global_nll_fn, val_tokens,
             end, t = global_pass_end(starts, ends, bounds, p), time.perf_counter()
             version, n_steps = global_sgd_pass(cfg, rt, model, global_nll_fn, optimizer, tokens, starts, end,
                                                looped, ledger, version)
+            rt.sync()
             global_s_per_pos = (time.perf_counter() - t) / max(future_global[p], 1)
             log(f"ttt_lora:phase {p + 1}/{len(plans)} documents {bounds[p]}..{bounds[p + 1] - 1} scored; global SGD "
                 f"{n_steps} steps on positions [0, {end}) in {time.perf_counter() - t:.1f}s")
@@ -4391,8 +4406,9 @@ def eval_ttt_lora_phased(cfg, rt, model, lora_nll_fn, global_nll_fn, val_tokens,
 
 
 def warm_lora_graphs(cfg, rt, fns, bank, looped):
-    """Compile LoRA TTT's forward/backward for every window bucket and the global pass's micro-batch, on
-    synthetic tokens; base weights, adapters (reset) and gradients are left untouched."""
+    """Compile LoRA TTT's forward/backward (and its no-grad forward, used once a budget stop ends adaptation)
+    for every window bucket and the global pass's micro-batch, on synthetic tokens; base weights, adapters
+    (reset) and gradients are left untouched."""
     model = fns.model
     with frozen_parameters(model), bank.installed():
         for W in lora_window_buckets(cfg.lora_chunk_tokens, cfg.eval_seq_len):
@@ -4400,6 +4416,8 @@ def warm_lora_graphs(cfg, rt, fns, bank, looped):
             with rt.autocast():
                 loss = fns.lora_nll(x, torch.zeros_like(x), looped).sum()
             loss.backward()
+            with torch.no_grad(), rt.autocast():  # the graph scoring uses after a budget stop ends adaptation
+                fns.lora_nll(x, torch.zeros_like(x), looped)
     x = torch.zeros(cfg.eval_batch_seqs, cfg.eval_seq_len, dtype=torch.int64, device=rt.device)
     with rt.autocast():
         loss = fns.global_nll(x, torch.zeros_like(x), looped).float().sum()

@@ -352,6 +352,24 @@ def test_ttt_budget_guard_stops_training_once_the_projection_is_over_budget(cpu_
     assert any("ttt:budget_stop after chunk 2/4" in line for line in log)
 
 
+class SlowDevice(tg.Runtime):
+    """A CPU Runtime whose sync() takes 0.4 s: stands in for device work still queued when a step returns."""
+
+    def sync(self):
+        time.sleep(0.4)
+
+
+def test_ttt_budget_guard_counts_the_device_work_of_each_chunk(tiny_setup, monkeypatch):
+    """The chunk times the guard projects from end after a device sync: with 0.4 s of queued work per chunk,
+    2 chunks trained and 2 left project past a 1.5 s budget (without the sync they would take milliseconds)."""
+    monkeypatch.setattr(tg, "TTT_GUARD_MIN_CHUNKS", 2)
+    _, model, _, bc, tokens = tiny_setup
+    log = Recorder()
+    _, _, info, _, _, _ = run_ttt(ttt_cfg(eval_budget_seconds=1.5), SlowDevice(device=torch.device("cpu")),
+                                  model, tokens[:129], bc, log=log)
+    assert info["budget_stopped"] is True and info["trained_chunks"] == 2, log
+
+
 def test_ttt_budget_guard_waits_for_steady_state_chunks(cpu_runtime, tiny_setup):
     """Within budget every non-final chunk is trained and the guard never fires."""
     _, model, _, bc, tokens = tiny_setup

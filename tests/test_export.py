@@ -830,3 +830,41 @@ def test_format_version_1_artifacts_still_load(tmp_path, quantized_tiny):
     path.write_bytes(data[:4] + struct.pack("<H", 9) + data[6:])
     with pytest.raises(tg.ArtifactError, match="reads versions 1, 2"):
         tg.read_artifact(path)
+
+
+def test_fit_cost_is_priced_per_byte_with_either_byte_counter(cpu_runtime, quantized_tiny):
+    """The size fit's BPB estimate on sampled text: a CaseOps byte sidecar (indexed by validation position,
+    which sampled text has none of) prices it at the sidecar's mean bytes per token. With every entry 3 bytes
+    that equals a token table giving every token 3 bytes, and both are positive when pruning hurts."""
+    cfg, model, entries = quantized_tiny
+    cpu = torch.device("cpu")
+    state = model.state_dict()
+    hessians = fake_hessians(cfg, model)
+    pruned = tg.apply_pruning(entries, tg.prune_plan(entries, state, hessians), 4000)
+    V = cfg.vocab_size
+    table = tg.ByteCounter((np.full(V, 3, np.int16), np.zeros(V, bool), np.ones(V, bool)), cpu)
+    sidecar = torch.full((5000,), 3, dtype=torch.int32)
+    sidecar[::50] = 0  # BOS entries carry no bytes: the mean rate counts them
+    rate = sidecar[1:].double().mean().item()
+    costs = [tg.fit_cost_bpb(cfg, cpu_runtime, model, entries, pruned, counter, False, n_seqs=2)
+             for counter in (table, tg.SidecarByteCounter(sidecar, cpu))]
+    assert costs[0] > 0
+    assert costs[1] == pytest.approx(costs[0] * 3 / rate, rel=1e-9)
+
+
+def test_sampling_for_the_fit_cost_uses_one_shape_and_matches_growing_prefixes(cpu_runtime):
+    """sample_sequences runs every forward on one (n, length+1) shape (a fused kernel autotunes once, not per
+    length) and draws exactly what sampling from growing prefixes draws (causality: later slots are unseen)."""
+    cfg = tiny_config()
+    model = ph.perturbed_model(cfg, cpu_runtime, seed=2)
+    shapes, logits = set(), model.logits
+    model.logits = lambda ids, looped: (shapes.add(tuple(ids.shape)), logits(ids, looped))[1]
+    ids = tg.sample_sequences(model, cpu_runtime, 3, 24, True, seed=4)
+    assert shapes == {(3, 25)} and (ids[:, 0] == tg.BOS_ID).all()
+    gen = torch.Generator().manual_seed(4)
+    ref = torch.full((3, 1), tg.BOS_ID, dtype=torch.int64)
+    with torch.no_grad():
+        for _ in range(24):
+            p = logits(ref, True)[:, -1].float().softmax(-1)
+            ref = torch.cat([ref, torch.multinomial(p, 1, generator=gen)], dim=1)
+    assert torch.equal(ids, ref)

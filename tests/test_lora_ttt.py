@@ -485,6 +485,50 @@ def test_compile_warmup_uses_synthetic_tokens_and_leaves_weights_untouched(setup
     assert all(m.lora is None for m in model.modules() if isinstance(m, tg.CastedLinear))
 
 
+class SlowFirstBatch(tg.Runtime):
+    """A CPU Runtime whose first sync() takes 2 s: stands in for device work still queued when a batch returns."""
+    slept = False
+
+    def sync(self):
+        if not self.slept:
+            self.slept = True
+            time.sleep(2.0)
+
+
+def test_budget_guard_counts_the_device_work_of_each_batch(setup, monkeypatch):
+    """The batch times the guard projects from end after a device sync: 2 s of queued work in the first batch
+    projects the remaining batches past a 4 s budget (on CPU without it the projection is about 1-2 s)."""
+    rt, model, _, bc, tokens, _ = setup
+    monkeypatch.setattr(tg, "LORA_GUARD_MIN_BATCHES", 1)
+    log = Recorder()
+    _, _, info, *_ = run_lora(lora_cfg(eval_budget_seconds=4.0), SlowFirstBatch(device=rt.device), model, tokens,
+                              bc, log=log)
+    assert info["budget_stopped"] and info["adapted_docs"] == 3, log
+
+
+def test_budget_stop_after_compile_warmup_compiles_no_graph(setup, monkeypatch):
+    """Compiled LoRA TTT (dynamo with the eager backend: same graphs and guards, no codegen): once the
+    warmup has run, a budget stop (adaptation off, scoring under no-grad) compiles nothing new."""
+    rt, model, _, bc, tokens, _ = setup
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **dict(kw, backend="eager")))
+    monkeypatch.setattr(tg, "LORA_GUARD_MIN_BATCHES", 1)
+    torch._dynamo.reset()
+    model = copy.deepcopy(model)
+    rt = dataclasses.replace(rt, compile=True)
+    cfg = lora_cfg(eval_budget_seconds=1e-9)
+    fns = tg.EvalFns(model, rt)
+    tg.warm_lora_graphs(cfg, rt, fns, tg.make_lora_bank(cfg, model), True)
+    warmed = tg.compiled_graph_count()
+    total = tokens.numel() - 1
+    log = Recorder()
+    _, _, info = tg.eval_ttt_lora_phased(cfg, rt, model, fns.lora_nll, fns.global_nll, tokens, bc, True,
+                                         tg.LegalityLedger(total), log, time.perf_counter())
+    assert info["budget_stopped"] and any(line.startswith("ttt_lora:budget_stop") for line in log)
+    assert warmed > 0 and tg.compiled_graph_count() == warmed
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("mode", ["lora_phased", "sgd"])
 def test_run_evaluation_dispatches_on_ttt_mode(setup, monkeypatch, mode):
     rt, model, _, bc, tokens, _ = setup
