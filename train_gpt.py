@@ -634,18 +634,22 @@ def load_flash_backend(name):
     return True
 
 
-def resolve_attention_backend(requested, device):
-    """Pick fa3 -> fa2 -> sdpa on CUDA (sdpa on CPU); an explicit unavailable request is a ConfigError."""
+def resolve_attention_backend(requested, device, half_precision=True):
+    """Pick fa3 -> fa2 -> sdpa on CUDA (sdpa on CPU, and on CUDA in fp32: FlashAttention takes bf16/fp16 only);
+    an explicit unavailable request is a ConfigError."""
     if requested in ("sdpa", "reference"):
         return requested
     if requested in ("fa3", "fa2"):
         if device.type != "cuda" and requested not in _FLASH:
             raise ConfigError(f"ATTENTION_BACKEND={requested} needs a CUDA device; use sdpa on CPU")
+        if device.type == "cuda" and not half_precision:
+            raise ConfigError(f"ATTENTION_BACKEND={requested} takes bf16/fp16 inputs, but COMPUTE_DTYPE=fp32: "
+                              f"use COMPUTE_DTYPE=bf16 (or auto), or ATTENTION_BACKEND=sdpa for fp32")
         if not load_flash_backend(requested):
             raise ConfigError(f"ATTENTION_BACKEND={requested} but module {FLASH_MODULES[requested]} "
                               f"is not importable; install it or use ATTENTION_BACKEND=sdpa")
         return requested
-    if device.type == "cuda":
+    if device.type == "cuda" and half_precision:
         major, _ = torch.cuda.get_device_capability(device)
         if major == 9 and load_flash_backend("fa3"):
             return "fa3"
@@ -693,7 +697,8 @@ def setup_runtime(cfg):
     if cfg.compute_dtype == "bf16" or (cfg.compute_dtype == "auto" and want_cuda):
         # bf16 matmuls (autocast), bf16 embedding and residual stream, bf16 Newton-Schulz, as the record
         rt.compute_dtype = rt.embed_dtype = rt.ns_dtype = torch.bfloat16
-    rt.attention_backend = resolve_attention_backend(cfg.attention_backend, device)
+    rt.attention_backend = resolve_attention_backend(cfg.attention_backend, device,
+                                                     rt.compute_dtype != torch.float32)
     rt.fused_ce = resolve_fused_kernel("FUSED_CE", cfg.fused_ce, device, "chunked")
     rt.fused_mlp = resolve_fused_kernel("FUSED_MLP", cfg.fused_mlp, device, "off")
     if want_cuda and cfg.preset == "record" and cfg.attention_backend == "auto" and rt.attention_backend != "fa3":
@@ -2124,31 +2129,38 @@ class TrainingDiverged(RuntimeError):
 
 
 class StepMonitor:
-    """One SUM all-reduce per step of [this rank's loss share, over-budget flag], read on the host one step late.
+    """One SUM all-reduce per step of [this rank's loss share, over-budget flag, rank 0's clock and step ms],
+    read on the host one step late.
 
     The SUM of the shares is the global loss and a positive flag sum means some rank is over budget, so every
-    rank takes the same decision; reading the previous step never waits for the step just queued.
+    rank takes the same decision; only rank 0 contributes its clock, so every rank reads the same training time
+    (the LR schedule, looping and SWA follow it identically). Reading the previous step never waits for the
+    step just queued.
     """
 
     def __init__(self, rt):
         self.rt, self.pending = rt, None
 
-    def push(self, step, loss_share, over_budget):
-        """Queue step `step`'s reduction; return (step, loss, over_budget) of the previous step, or None."""
-        flag = torch.full((), float(over_budget), device=self.rt.device)
-        buf = all_reduce_(torch.stack((loss_share.float(), flag)), self.rt)
+    def push(self, step, loss_share, over_budget, clock_ms, step_ms):
+        """Queue step `step`'s reduction; return read() of the previous step, or None."""
+        main = float(self.rt.is_main)
+        # fills, not a host-to-device copy (which would wait for the queued step)
+        values = [torch.full((), v, device=self.rt.device) for v in (float(over_budget), main * clock_ms,
+                                                                      main * step_ms)]
+        buf = all_reduce_(torch.stack([loss_share.float()] + values), self.rt)
         previous, self.pending = self.pending, (step, self.rt.read_later(buf))
         return self.read(previous)
 
     def read(self, entry):
-        """(step, loss, over_budget) of a pushed entry (waits for that step only); None for None."""
+        """(step, loss, over_budget, rank 0's clock ms, rank 0's step ms) of a pushed entry (waits for that
+        step only); None for None."""
         if entry is None:
             return None
-        loss, flag = entry[1]()
-        return entry[0], loss, flag > 0
+        loss, flag, clock_ms, step_ms = entry[1]()
+        return entry[0], loss, flag > 0, clock_ms, step_ms
 
     def latest(self):
-        """(step, loss, over_budget) of the most recent push (waits for that step)."""
+        """read() of the most recent push (waits for that step)."""
         return self.read(self.pending)
 
 
@@ -2203,6 +2215,7 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
     monitor = StepMonitor(rt)
     looped, stop_at, step = False, None, 0
     lr_at, last_finite, step_ms = {}, (None, None), 0.0
+    agreed = (0, 0.0, 0.0)  # (step, rank 0's clock ms, its step ms) of the last settled reduction: all ranks alike
     batch = loader.next_batch()
     fpt = {lp: flops_per_token(model, lp, cfg.train_seq_len)["total"] for lp in (False, True)}
     peak, window, total_flops = rt.peak_flops(), (0, 0.0), 0.0
@@ -2211,10 +2224,11 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
 
     def settle(done):
         """Fold a finished step's (step, loss, over) into the curve; raise on a non-finite loss."""
-        nonlocal stop_at, last_finite
+        nonlocal stop_at, last_finite, agreed
         if done is None:
             return
-        k, loss_value, over = done
+        k, loss_value, over, clock_ms, k_step_ms = done
+        agreed = (k, clock_ms, k_step_ms)
         if not math.isfinite(loss_value):
             lr = lr_at.get(k, (float("nan"),))[0]
             line = (f"diverged: non-finite train loss at step {k}; last finite loss {last_finite[1]} at step "
@@ -2248,7 +2262,8 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
             if stop_at is not None and step < cfg.iterations:
                 log(f"stopping_early: wallclock_cap train_time: {clock.ms():.0f}ms step: {step}/{cfg.iterations}")
             break
-        frac = training_fraction(cfg, budget, clock.ms(), step)
+        # rank 0's clock at the last settled step, advanced by its step time: the same number on every rank
+        frac = training_fraction(cfg, budget, agreed[1] + (step - agreed[0]) * agreed[2], step)
         if not looped and cfg.num_loops > 0 and frac >= cfg.enable_looping_at:
             looped = True
             stats["loop_enabled_step"] = step
@@ -2264,7 +2279,7 @@ def train_model(cfg, rt, model, train_files, val_tokens, byte_counter, log):
         lr_at[step] = (lr_mul, looped, clock.ms())  # host time once the step is queued (~ when it ends)
         step_ms = 0.9 * step_ms + 0.1 * (clock.ms() - t_step) if step > 1 else clock.ms() - t_step
         # Over budget if the step queued next would end past it (the flag is read one step late).
-        settle(monitor.push(step, loss_share, budget > 0 and clock.ms() + step_ms >= budget))
+        settle(monitor.push(step, loss_share, budget > 0 and clock.ms() + step_ms >= budget, clock.ms(), step_ms))
         if step <= 5 or step == THROUGHPUT_CHECK_STEP or (cfg.train_log_every > 0 and step % cfg.train_log_every == 0):
             loss_value = monitor.latest()[1]
             elapsed = clock.ms()

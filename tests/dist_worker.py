@@ -1,5 +1,5 @@
 """Worker launched by torchrun from tests/test_distributed.py (Muon sharding checks, failure injection, a slow
-export) and tests/test_lora_ttt.py (LoRA TTT: 2 ranks == 1 rank)."""
+export, a skewed clock) and tests/test_lora_ttt.py (LoRA TTT: 2 ranks == 1 rank)."""
 import sys
 import time
 from pathlib import Path
@@ -73,6 +73,24 @@ def slow_export_check(cfg, rt):
     tg.shutdown(rt, code)
 
 
+def skewed_clock_check(cfg, rt):
+    """Rank 1's training clock reads 20 s ahead of rank 0's (a skewed or slower host) under a wallclock cap:
+    the LR schedule, looping and SWA must follow one clock, so the trained weights are bit-identical."""
+    if rt.rank == 1:
+        real_ms = tg.TrainClock.ms
+        tg.TrainClock.ms = lambda self: real_ms(self) + 20000.0
+    quiet = lambda *a, **k: None
+    model = tg.build_model(cfg, rt)
+    train_glob, _, _, counter, val = tg.prepare_data(cfg, rt, quiet)
+    stats = tg.train_model(cfg, rt, model, tg.resolve_files(train_glob, "train"), val, counter, quiet)
+    mine = digest(model)
+    lo, hi = mine.clone(), mine.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    report(rt.rank, f"SKEW rank={rt.rank} identical={lo.item() == hi.item()} steps={stats['steps']} "
+                    f"loop_step={stats['loop_enabled_step']}")
+
+
 def lora_check():
     """Phased LoRA TTT on a tiny perturbed model: the 2-rank eval and, on each rank, a local 1-rank eval of the
     same model and tokens; prints both val_bpb, the global steps and the cross-rank ledger verdict."""
@@ -111,5 +129,6 @@ if __name__ == "__main__":
         sys.exit(0)
     config = tg.load_config()
     runtime = tg.setup_runtime(config)
-    {"muon": muon_check, "fail": fail_check, "slow_export": slow_export_check}[sys.argv[1]](config, runtime)
+    {"muon": muon_check, "fail": fail_check, "slow_export": slow_export_check,
+     "skewed_clock": skewed_clock_check}[sys.argv[1]](config, runtime)
     dist.destroy_process_group()

@@ -123,6 +123,20 @@ def test_other_ranks_outwait_a_slow_export(dist_data, tmp_path):
     assert re.search(r"dist_timeout:8s export_wait:1800s", log) and re.search(r"^quantized val_loss:", log, re.M)
 
 
+def test_ranks_follow_one_clock_under_a_wallclock_cap(dist_data, tmp_path):
+    """With a wallclock cap the LR schedule and the looping switch follow training time. Rank 1's clock reads
+    20 s ahead of rank 0's: both ranks still train bit-identical weights (every rank uses rank 0's clock,
+    carried in the per-step reduction), and looping switches on at the step-based point rank 0 sees."""
+    env = dict(TINY_RUN, **dist_data, ITERATIONS=8, MAX_WALLCLOCK_SECONDS=60, GPTQ_RESERVE_SECONDS=0,
+               WARMDOWN_FRAC=1.0)
+    proc = run_script(env, tmp_path, script=ROOT / "tests" / "dist_worker.py", nproc=2, args=["skewed_clock"],
+                      timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = [ln.split()[1:] for ln in rank_results(tmp_path, "SKEW")]
+    assert lines == [["rank=0", "identical=True", "steps=8", "loop_step=4"],
+                     ["rank=1", "identical=True", "steps=8", "loop_step=4"]]
+
+
 def test_successful_two_rank_runs_always_exit_zero(dist_data, tmp_path):
     """A finished 2-rank run exits 0 on every rank, every time (it once aborted in teardown with 'terminate
     called without an active exception'): three back-to-back runs, each must finish, write its summary and

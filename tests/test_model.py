@@ -482,6 +482,19 @@ def test_flash_wheel_whose_library_fails_to_load_counts_as_missing(monkeypatch, 
         tg.resolve_attention_backend("fa3", torch.device("cuda"))  # explicit request: a clear error
 
 
+def test_flash_attention_is_chosen_on_cuda_only_in_half_precision(monkeypatch):
+    """On a (simulated) Hopper GPU with FA3 importable: auto picks fa3 in bf16, sdpa in fp32 (FlashAttention
+    takes bf16/fp16 only), and an explicit fa3 in fp32 is a ConfigError naming COMPUTE_DTYPE."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(tg, "_FLASH", {})
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", FakeFlash(4, 2, True).as_module("flash_attn_interface"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert tg.resolve_attention_backend("auto", cuda) == "fa3"
+    assert tg.resolve_attention_backend("auto", cuda, half_precision=False) == "sdpa"
+    with pytest.raises(tg.ConfigError, match="COMPUTE_DTYPE=fp32"):
+        tg.resolve_attention_backend("fa3", cuda, half_precision=False)
+
+
 def test_resolve_attention_backend_on_cpu(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(tg, "_FLASH", {})
