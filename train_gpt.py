@@ -4732,11 +4732,12 @@ PUBLISHED_VAL_TOKENS = {(8192, 2048, False): 40540160, (8192, 2048, True): 47851
 def prepare_data(cfg, rt, log):
     """Build smoke data if needed, then load (and fingerprint) tokenizer tables and validation tokens."""
     train_glob, val_glob, tok_path = data_paths(cfg)
-    if cfg.preset in ("smoke", "minigolf") and not cfg.eval_only \
-            and not all(glob.glob(p) for p in (train_glob, val_glob, tok_path)):
-        if rt.is_main:
-            build_default_data(cfg, log)
-        barrier(rt)
+    if cfg.preset in ("smoke", "minigolf") and not cfg.eval_only:
+        missing = not all(glob.glob(p) for p in (train_glob, val_glob, tok_path))
+        if any_rank(missing, rt):  # one decision: a rank that looks after rank 0 built must still wait with it
+            if rt.is_main:
+                build_default_data(cfg, log)
+            barrier(rt)
     sp = load_tokenizer(tok_path, cfg.vocab_size)
     log(f"tokenizer: {tok_path} vocab:{sp.get_piece_size()} sha256:{hashlib.sha256(Path(tok_path).read_bytes()).hexdigest()}")
     val_tokens = load_validation_tokens(val_glob, cfg.eval_seq_len).to(rt.device)  # copied once, reused

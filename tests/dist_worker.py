@@ -1,5 +1,5 @@
 """Worker launched by torchrun from tests/test_distributed.py (Muon sharding checks, failure injection, a slow
-export, a skewed clock) and tests/test_lora_ttt.py (LoRA TTT: 2 ranks == 1 rank)."""
+export, a skewed clock, smoke data found by one rank only) and tests/test_lora_ttt.py (LoRA TTT: 2 ranks == 1 rank)."""
 import sys
 import time
 from pathlib import Path
@@ -91,6 +91,24 @@ def skewed_clock_check(cfg, rt):
                     f"loop_step={stats['loop_enabled_step']}")
 
 
+def late_data_check(cfg, rt):
+    """Rank 0 finds the smoke data missing (its first look is made to fail) and builds it, while rank 1 looks
+    after the build and finds it: both must still pass the same barrier, then agree in one all-reduce."""
+    if rt.rank == 0:
+        real_glob, looks = tg.glob.glob, []
+
+        def first_look_fails(pattern, **kwargs):
+            looks.append(pattern)
+            return [] if len(looks) == 1 else real_glob(pattern, **kwargs)
+        tg.glob.glob = first_look_fails
+    else:
+        time.sleep(2.0)
+    tg.prepare_data(cfg, rt, lambda *a, **k: None)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    report(rt.rank, f"LATE_DATA rank={rt.rank} sum={int(t.item())}")
+
+
 def lora_check():
     """Phased LoRA TTT on a tiny perturbed model: the 2-rank eval and, on each rank, a local 1-rank eval of the
     same model and tokens; prints both val_bpb, the global steps and the cross-rank ledger verdict."""
@@ -130,5 +148,5 @@ if __name__ == "__main__":
     config = tg.load_config()
     runtime = tg.setup_runtime(config)
     {"muon": muon_check, "fail": fail_check, "slow_export": slow_export_check,
-     "skewed_clock": skewed_clock_check}[sys.argv[1]](config, runtime)
+     "skewed_clock": skewed_clock_check, "late_data": late_data_check}[sys.argv[1]](config, runtime)
     dist.destroy_process_group()

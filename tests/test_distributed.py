@@ -137,6 +137,18 @@ def test_ranks_follow_one_clock_under_a_wallclock_cap(dist_data, tmp_path):
                      ["rank=1", "identical=True", "steps=8", "loop_step=4"]]
 
 
+def test_ranks_agree_on_building_the_smoke_data(dist_data, tmp_path):
+    """Rank 0 sees the smoke data missing and builds it (nothing to write: it exists), rank 1 looks later and
+    sees it: the decision to build and wait is taken once for all ranks, so no rank skips the barrier (which
+    left the ranks' collectives mismatched until the timeout)."""
+    env = dict(TINY_RUN, **dist_data, DIST_TIMEOUT_SECONDS=15)
+    proc = run_script(env, tmp_path, script=ROOT / "tests" / "dist_worker.py", nproc=2, args=["late_data"],
+                      timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert [ln.split()[1:] for ln in rank_results(tmp_path, "LATE_DATA")] == [["rank=0", "sum=2"],
+                                                                            ["rank=1", "sum=2"]]
+
+
 def test_successful_two_rank_runs_always_exit_zero(dist_data, tmp_path):
     """A finished 2-rank run exits 0 on every rank, every time (it once aborted in teardown with 'terminate
     called without an active exception'): three back-to-back runs, each must finish, write its summary and
