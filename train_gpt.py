@@ -4309,11 +4309,18 @@ def global_chunks(starts, end, chunk_tokens):
     return list(zip(cuts[:-1], cuts[1:]))
 
 
+def global_micro_rows(cfg, rt):
+    """Rows of the global SGD pass's (rows, EVAL_SEQ_LEN) micro-batch: one rank's share of a full chunk's
+    sequences, at most EVAL_BATCH_SEQS (a fixed shape: one compiled graph, no rows of pure padding)."""
+    per_rank = -(-(-(-cfg.ttt_global_chunk_tokens // cfg.eval_seq_len)) // rt.world_size)
+    return max(1, min(cfg.eval_batch_seqs, per_rank))
+
+
 def global_sgd_step(cfg, rt, model, nll_fn, optimizer, tokens, c0, c1, looped, ledger, version):
     """One SGD step on the mean NLL of the scored positions [c0, c1): EVAL_SEQ_LEN sequences split by rank, in
-    (EVAL_BATCH_SEQS, EVAL_SEQ_LEN) micro-batches (padding masked), gradients summed over ranks, clipped at
+    (global_micro_rows, EVAL_SEQ_LEN) micro-batches (padding masked), gradients summed over ranks, clipped at
     TTT_GRAD_CLIP. Returns the new weight version."""
-    L, M = cfg.eval_seq_len, cfg.eval_batch_seqs
+    L, M = cfg.eval_seq_len, global_micro_rows(cfg, rt)
     n_seq = -(-(c1 - c0) // L)
     seqs = np.arange(n_seq)[rank_slice(n_seq, rt)]
     params = list(model.parameters())
@@ -4433,7 +4440,7 @@ def warm_lora_graphs(cfg, rt, fns, bank, looped):
             loss.backward()
             with torch.no_grad(), rt.autocast():  # the graph scoring uses after a budget stop ends adaptation
                 fns.lora_nll(x, torch.zeros_like(x), looped)
-    x = torch.zeros(cfg.eval_batch_seqs, cfg.eval_seq_len, dtype=torch.int64, device=rt.device)
+    x = torch.zeros(global_micro_rows(cfg, rt), cfg.eval_seq_len, dtype=torch.int64, device=rt.device)
     with rt.autocast():
         loss = fns.global_nll(x, torch.zeros_like(x), looped).float().sum()
     loss.backward()
