@@ -3243,15 +3243,21 @@ class SwitchFolder(ast.NodeTransformer):
                ast.IsNot: lambda a, b: a is not b}
 
     def __init__(self, switches):
-        self.switches = switches
+        self.switches, self.function = switches, None
 
     def visit_Attribute(self, node):
-        """cfg.<switch> -> its constant."""
+        """cfg.<switch> -> its constant; RuntimeError for an assignment to one outside load_config (folding
+        assumes a switch never changes once the config is loaded)."""
         self.generic_visit(node)
         base = node.value
         on_cfg = (isinstance(base, ast.Name) and base.id == "cfg") or (isinstance(base, ast.Attribute)
                                                                         and base.attr == "cfg")
-        if on_cfg and isinstance(node.ctx, ast.Load) and node.attr in self.switches:
+        if on_cfg and node.attr in self.switches:
+            if not isinstance(node.ctx, ast.Load):
+                if self.function == "load_config":
+                    return node
+                raise RuntimeError(f"pack: line {node.lineno} assigns the switch cfg.{node.attr}; switches are "
+                                   f"folded to their packed values, so set them only in load_config")
             return ast.copy_location(ast.Constant(self.switches[node.attr]), node)
         return node
 
@@ -3342,7 +3348,9 @@ class SwitchFolder(ast.NodeTransformer):
     def visit_FunctionDef(self, node):
         """Fold the body; then a local assigned a constant (number, string, bool, None) exactly once, by a
         statement of the body itself, is replaced by it in the statements after it (and folded again)."""
+        outer, self.function = self.function, node.name
         self.generic_visit(node)
+        self.function = outer
         stores = {}  # name -> bindings anywhere inside (parameters, imports, global/nonlocal: never candidates)
         for n in ast.walk(node):
             if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
@@ -3457,6 +3465,11 @@ def prune_unreferenced(tree):
                 live_names |= names_in([stmt])
                 changed = True
     dead = {id(s) for s, _ in candidates} - live
+    for t in containers:  # an import in a try whose other code stays is a probe: its failure picks the branch
+        parts = [t.body, t.orelse, getattr(t, "finalbody", [])] + [h.body for h in getattr(t, "handlers", [])]
+        stays = [s for b in parts for s in b if id(s) not in dead and not isinstance(s, (ast.Import, ast.ImportFrom))]
+        if isinstance(t, ast.Try) and stays:
+            dead -= {id(s) for s in t.body if isinstance(s, (ast.Import, ast.ImportFrom))}
     for block in blocks:
         block[:] = [s for s in block if id(s) not in dead]
     tree.body = [s for s in tree.body if not (isinstance(s, ast.If) and not s.body and not s.orelse
@@ -3659,7 +3672,10 @@ class LocalRenamer:
         ast = self.ast
         if not mapping:
             return
+        outer = {id(n) for e in self.evaluated_outside(scope) for n in ast.walk(e)}
         for node in ast.walk(scope):
+            if id(node) in outer:
+                continue
             if isinstance(node, ast.Name) and node.id in mapping:
                 node.id = mapping[node.id]
             elif isinstance(node, ast.arg) and node.arg in mapping and self.owns_arg(scope, node):
@@ -3668,6 +3684,22 @@ class LocalRenamer:
                 node.name = mapping[node.name]
             elif isinstance(node, ast.Nonlocal):
                 node.names = [mapping.get(n, n) for n in node.names]
+
+    def evaluated_outside(self, scope):
+        """Parts of `scope`'s node that the enclosing scope evaluates (default values, decorators, annotations,
+        a comprehension's first iterable): their names are not `scope`'s locals."""
+        ast = self.ast
+        if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            a = scope.args
+            out = a.defaults + [d for d in a.kw_defaults if d]
+            if not isinstance(scope, ast.Lambda):
+                args = a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]
+                out += scope.decorator_list + [x.annotation for x in args if x.annotation]
+                out += [scope.returns] if scope.returns else []
+            return out
+        if isinstance(scope, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            return [scope.generators[0].iter]
+        return []
 
     def owns_arg(self, scope, arg):
         """True if `arg` is a parameter of `scope` itself (not of a nested function)."""

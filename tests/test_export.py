@@ -456,6 +456,22 @@ def test_renaming_changes_no_keyword_parameter_and_keeps_scopes_apart():
     assert ns["g"]() == (4, [0, 1, 2])
 
 
+def test_renaming_leaves_what_the_enclosing_scope_evaluates():
+    """Default values, decorators, annotations and a comprehension's first iterable belong to the enclosing
+    scope: renaming a function's or comprehension's locals must not touch the names in them."""
+    src = ("def deco(fn):\n    return fn\n"
+           "def f(scale, items):\n"
+           "    times = lambda v, scale=scale: v * scale\n"
+           "    @deco\n    def inner(step=scale, *, width: int = len(items)) -> int:\n        return step + width\n"
+           "    items = [items for items in items]\n"
+           "    return times(2), inner(), items\n"
+           "f\n")
+    ns_src, ns_out = {}, {}
+    exec(compile(src, "s", "exec"), ns_src)
+    exec(compile(tg.minify_source(src), "m", "exec"), ns_out)
+    assert ns_out["f"](3, [4, 5]) == ns_src["f"](3, [4, 5]) == (6, 5, [4, 5])
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     return ph.tiny_pipeline(tmp_path_factory)

@@ -215,6 +215,36 @@ print(a())
     run_module(out)
 
 
+def test_prune_keeps_an_import_that_probes_for_a_module():
+    """An import in a try whose other statements stay decides which branch runs by failing: it is kept even
+    though nothing names it (else the packed copy would take the success branch when the module is absent)."""
+    src = '''
+try:
+    import not_a_module
+    HAVE = True
+except ImportError:
+    HAVE = False
+try:
+    import json
+except ImportError:
+    json = None
+print(HAVE)
+'''
+    out = ast.unparse(tg.prune_unreferenced(ast.parse(src)))
+    assert "import not_a_module" in out and "import json" not in out
+    assert run_module(out)["HAVE"] is False
+
+
+def test_assigning_a_switch_outside_load_config_fails_the_pack():
+    """Folding assumes a switch keeps its value once the config is loaded: a store to cfg.<switch> elsewhere
+    stops the pack with the line number; load_config itself may set them."""
+    bad = "def fix(cfg):\n    cfg.flag = False\n    return cfg.flag\n"
+    with pytest.raises(RuntimeError, match="line 2 assigns the switch cfg.flag"):
+        tg.SwitchFolder({"flag": True}).visit(ast.parse(bad))
+    ok = "def load_config(cfg):\n    cfg.flag = True\n    return cfg\n"
+    assert "cfg.flag = True" in ast.unparse(tg.SwitchFolder({"flag": True}).visit(ast.parse(ok)))
+
+
 def test_unresolved_globals_finds_every_dangling_name():
     src = '''
 import os
