@@ -3867,7 +3867,8 @@ def code_bytes(cfg):
 def _count_code_bytes(running, switches):
     """code_bytes() without the cache."""
     if running.startswith(PACK_STUB_PREFIX):
-        return len(running.encode("utf-8")), f"packed file {Path(__file__).name} (running it)", dict(PACKED)
+        # the bytes on disk: read_text turned any CRLF into LF, which the shipped file still counts
+        return len(Path(__file__).read_bytes()), f"packed file {Path(__file__).name} (running it)", dict(PACKED)
     packed = len(pack_source(running, switches).encode("utf-8"))
     return packed, (f"packed self-extracting copy of {Path(__file__).name} for {describe_switches(switches)} "
                     f"(python3 train_gpt.py pack with these settings; readable source is "
@@ -4911,8 +4912,14 @@ def write_and_account(cfg, rt, model, hessians, code, byte_counter, log, report)
     log(f"Total submission size quantized+{cfg.compressor}: {total} bytes")
     log(f"size:headroom {cfg.size_limit_bytes - total} bytes under SIZE_LIMIT_BYTES={cfg.size_limit_bytes} "
         f"(quantize+serialize {time.perf_counter() - t:.1f}s)")
+    # what rebuilds the counted copy: its switch values, the unset-only paths it keeps (set in the run, so not
+    # folded) and, when this run packed it, the Python that did (ast.unparse output differs between versions)
+    keeps = [k for k in PACK_UNSET_ONLY if k not in code_packed_for]
+    packed_by = None if Path(__file__).read_text(encoding="utf-8").startswith(PACK_STUB_PREFIX) \
+        else "{}.{}".format(*sys.version_info[:2])
     report.data.update(bytes_model=model_bytes, bytes_code=code_n, bytes_total=total, artifact_path=path,
-                       code_bytes_counted=code_desc, code_packed_for=code_packed_for)
+                       code_bytes_counted=code_desc, code_packed_for=code_packed_for, code_pack_keeps=keeps,
+                       code_packed_by_python=packed_by)
     report.flush()
 
 

@@ -3,6 +3,7 @@ record, the leader's parameter count, SmearGate's BOS mask, the sparse attention
 decoder and the Polar Express Newton-Schulz schedule."""
 import math
 import os
+import sys
 import re
 from pathlib import Path
 
@@ -323,3 +324,5 @@ def test_frontier_packed_copy_runs_exactly_like_the_source(frontier_run, tmp_pat
     assert summary["bytes_code"] == printed == os.path.getsize(out)
     assert summary["code_packed_for"] == tg.pack_switches(tg.load_config(
         {k: str(v) for k, v in env.items() if k.lower() in tg.PACK_SWITCHES or k == "PRESET"}))
+    assert summary["code_pack_keeps"] == [k for k in tg.PACK_UNSET_ONLY if k not in summary["code_packed_for"]]
+    assert summary["code_packed_by_python"] == "{}.{}".format(*sys.version_info[:2])  # the source run packed it

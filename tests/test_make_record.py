@@ -171,14 +171,15 @@ def test_default_path_packs_the_source(runs, tmp_path):
 
 
 def test_default_path_packs_for_the_switches_the_runs_counted(runs, tmp_path):
-    """The source is packed with the runs' code_packed_for values in its environment; runs counted for
-    different values cannot share one folder."""
+    """The source is packed with the runs' code_packed_for values in its environment, and the unset-only fields
+    whose code the counted copy keeps (code_pack_keeps) set; runs counted for different values, or for a copy
+    packed by another Python version, cannot make the folder."""
     paths, packed = runs
     switches = {"preset": "smoke", "smear_gate": False, "compressor": "brotli", "export_from": ""}
     copies = []
     for p in paths:
         data = json.loads(p.read_text())
-        data["code_packed_for"] = switches
+        data["code_packed_for"], data["code_pack_keeps"] = switches, ["float_checkpoint"]
         copies.append(tmp_path / p.name)
         copies[-1].write_text(json.dumps(data))
         for suffix in (".txt", ".meta.json"):
@@ -193,6 +194,14 @@ def test_default_path_packs_for_the_switches_the_runs_counted(runs, tmp_path):
     assert rc == 0, stderr
     env = json.loads(seen.read_text())
     assert (env["PRESET"], env["SMEAR_GATE"], env["COMPRESSOR"], env["EXPORT_FROM"]) == ("smoke", "0", "brotli", "")
+    assert env["FLOAT_CHECKPOINT"] == "kept"
+    data = json.loads(copies[1].read_text())
+    data["code_packed_by_python"] = "3.99"
+    copies[1].write_text(json.dumps(data))
+    rc, _, stderr = th.call(make_record.main, ["--logs", *copies, "--out", tmp_path / "rec3", *META, "--source", src])
+    assert rc == 2 and "packed by Python 3.99" in stderr
+    data["code_packed_by_python"] = None
+    copies[1].write_text(json.dumps(data))
     data = json.loads(copies[0].read_text())
     data["code_packed_for"] = dict(switches, preset="record")
     copies[0].write_text(json.dumps(data))

@@ -351,6 +351,17 @@ def record_copy(tmp_path_factory):
     return out, run_module(out.read_text(encoding="utf-8"), __name__="packed_record", __file__=str(out))
 
 
+def test_a_packed_copy_counts_its_bytes_on_disk_even_with_crlf(record_copy, tmp_path):
+    """A packed copy counts the bytes of its own file: converted to CRLF line endings (a checkout with
+    autocrlf), it counts the longer file, not the LF text Python reads."""
+    out, _ = record_copy
+    crlf = tmp_path / "train_gpt.py"
+    crlf.write_bytes(out.read_bytes().replace(b"\n", b"\r\n"))
+    ns = run_module(out.read_text(encoding="utf-8"), __name__="packed_crlf", __file__=str(crlf))
+    counted, desc, _ = ns["code_bytes"](ns["load_config"]({}))
+    assert counted == crlf.stat().st_size > out.stat().st_size and "running it" in desc
+
+
 def test_stand_ins_raise_a_config_error_naming_what_needs_them(record_copy):
     _, ns = record_copy
     assert ns["PACKED"]["preset"] == "record" and ns["PACKED"]["compressor"] == "brotli"

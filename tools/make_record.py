@@ -72,11 +72,27 @@ def packed_for(summaries):
     return json.loads(found.pop())
 
 
-def pack_code(source, workdir, switches=None):
+def pack_settings(summaries):
+    """(switch values, unset-only fields whose code the counted copy keeps) of the runs (summary keys
+    code_packed_for, code_pack_keeps); RecordError if they were counted by another Python version than this
+    one, whose ast.unparse writes a different packed copy."""
+    versions = sorted({s["code_packed_by_python"] for s in summaries if s.get("code_packed_by_python")})
+    here = "{}.{}".format(*sys.version_info[:2])
+    if versions and versions != [here]:
+        raise RecordError(f"the runs' code bytes were counted for a copy packed by Python {', '.join(versions)}, "
+                          f"and this is Python {here} (ast.unparse output differs between versions): run "
+                          f"tools/make_record.py with python{versions[0]}, or ship the file the runs packed with "
+                          f"--packed")
+    keeps = sorted({k for s in summaries for k in s.get("code_pack_keeps", [])})
+    return packed_for(summaries), keeps
+
+
+def pack_code(source, workdir, switches=None, keeps=()):
     """Run `python3 <source> pack <workdir>/train_gpt.py` in the source's directory with the runs' switch values
-    in the environment (so it packs what they counted); returns the packed bytes."""
+    in the environment and each field in `keeps` set (so it packs what they counted); returns the packed bytes."""
     out = Path(workdir) / "train_gpt.py"
-    env = dict(os.environ, **{k.upper(): env_value(v) for k, v in (switches or {}).items()})
+    env = dict(os.environ, **{k.upper(): env_value(v) for k, v in (switches or {}).items()},
+               **{k.upper(): "kept" for k in keeps})
     proc = subprocess.run([sys.executable, str(source), "pack", str(out)], cwd=str(Path(source).resolve().parent),
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not out.exists():
@@ -301,7 +317,7 @@ def build_record(args):
             shipped = Path(args.packed).read_bytes()
             (staging / "train_gpt.py").write_bytes(shipped)
         else:
-            shipped = pack_code(source, staging, packed_for(summaries))
+            shipped = pack_code(source, staging, *pack_settings(summaries))
         source_bytes = source.read_bytes() if source.exists() else None
         problems = code_checks(summaries, shipped, source_bytes)
         if problems and not args.allow_code_mismatch:
