@@ -1308,10 +1308,11 @@ class CastedLinear(nn.Linear):
     """Bias-free linear whose fp32 master weight is cast to the activation dtype at use; plus, while LoRA TTT
     has set `lora` (A, B), the per-row low-rank term of low_rank_delta."""
 
-    lora = None
-
     def __init__(self, fan_in, fan_out):
         super().__init__(fan_in, fan_out, bias=False)
+        # an instance attribute from the start: installing and removing adapters then leaves it in __dict__
+        # as it was, so graphs compiled before LoRA TTT's warmup keep their guards (no recompile)
+        self.lora = None
 
     def forward(self, x):
         """x (..., fan_in) -> (..., fan_out) in x's dtype."""
@@ -1653,11 +1654,10 @@ def layer_layout(cfg, looped):
 class GPT(nn.Module):
     """The record's GPT; forward(ids, targets, looped) -> mean CE, token_nll -> per-token NLL."""
 
-    head_lora = None  # (A, B) of the tied LM head while LoRA TTT runs (see CastedLinear.lora)
-
     def __init__(self, cfg, backend="sdpa", fused_ce="off", fused_mlp="off"):
         super().__init__()
         self.cfg = cfg
+        self.head_lora = None  # (A, B) of the tied LM head while LoRA TTT runs (see CastedLinear.lora)
         self.backend, self.fused_ce = backend, fused_ce
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.blocks = nn.ModuleList(Block(cfg, i, backend, fused_mlp) for i in range(cfg.num_layers))
@@ -3245,6 +3245,18 @@ class SwitchFolder(ast.NodeTransformer):
     def __init__(self, switches):
         self.switches, self.function = switches, None
 
+    @staticmethod
+    def yields(func):
+        """True if `func` itself (not a function nested in it) holds a yield."""
+        stack = list(func.body)
+        while stack:
+            n = stack.pop()
+            if isinstance(n, (ast.Yield, ast.YieldFrom)):
+                return True
+            if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+                stack.extend(ast.iter_child_nodes(n))
+        return False
+
     def visit_Attribute(self, node):
         """cfg.<switch> -> its constant; RuntimeError for an assignment to one outside load_config (folding
         assumes a switch never changes once the config is loaded)."""
@@ -3349,8 +3361,12 @@ class SwitchFolder(ast.NodeTransformer):
         """Fold the body; then a local assigned a constant (number, string, bool, None) exactly once, by a
         statement of the body itself, is replaced by it in the statements after it (and folded again)."""
         outer, self.function = self.function, node.name
+        generator = self.yields(node)
         self.generic_visit(node)
         self.function = outer
+        if generator and not self.yields(node):
+            raise RuntimeError(f"pack: folding removed every yield of {node.name} (line {node.lineno}), which would "
+                               f"stop being a generator; keep a yield outside the switch-dependent branch")
         stores = {}  # name -> bindings anywhere inside (parameters, imports, global/nonlocal: never candidates)
         for n in ast.walk(node):
             if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
@@ -3850,13 +3866,27 @@ def describe_switches(switches):
 
 
 _CODE_BYTES = {}  # (source text, switches) -> code_bytes() result: packing takes seconds, so once per process
+_RUNNING_FILE = []  # this file's bytes as first read by this process
+
+
+def running_file_bytes():
+    """The bytes of this script's file, read once per process: the log's sha256, the summary and the code
+    count all describe the code that started running, even if the file is edited during the run."""
+    if not _RUNNING_FILE:
+        _RUNNING_FILE.append(Path(__file__).read_bytes())
+    return _RUNNING_FILE[0]
+
+
+def running_is_packed():
+    """True when this process runs a packed copy (its file is the self-extracting stub)."""
+    return running_file_bytes().replace(b"\r\n", b"\n").startswith(PACK_STUB_PREFIX.encode("utf-8"))
 
 
 def code_bytes(cfg):
     """(bytes counted for code, description, switch values they were counted for): the running file and its
     own PACKED if it is a packed copy, else the size of its copy packed for `cfg` (what `python3 train_gpt.py
     pack` writes with the same settings) and pack_switches(cfg)."""
-    running = Path(__file__).read_text(encoding="utf-8")
+    running = running_file_bytes().decode("utf-8").replace("\r\n", "\n")  # the text Python compiled
     switches = pack_switches(cfg)
     key = (running, json.dumps(switches, sort_keys=True))
     if key not in _CODE_BYTES:
@@ -3866,9 +3896,8 @@ def code_bytes(cfg):
 
 def _count_code_bytes(running, switches):
     """code_bytes() without the cache."""
-    if running.startswith(PACK_STUB_PREFIX):
-        # the bytes on disk: read_text turned any CRLF into LF, which the shipped file still counts
-        return len(Path(__file__).read_bytes()), f"packed file {Path(__file__).name} (running it)", dict(PACKED)
+    if running_is_packed():  # the bytes on disk (a CRLF checkout counts its CRs)
+        return len(running_file_bytes()), f"packed file {Path(__file__).name} (running it)", dict(PACKED)
     packed = len(pack_source(running, switches).encode("utf-8"))
     return packed, (f"packed self-extracting copy of {Path(__file__).name} for {describe_switches(switches)} "
                     f"(python3 train_gpt.py pack with these settings; readable source is "
@@ -4657,7 +4686,7 @@ def log_header(cfg, rt, log, train_glob, val_glob, tok_path):
     for k in sorted(derived):
         log(f"  {k}: {derived[k]}")
     log("=" * 100, console=False)
-    src = Path(__file__).read_bytes()
+    src = running_file_bytes()
     log(f"Running Python {sys.version.split()[0]} ({platform.platform()})", console=False)
     log(f"Running PyTorch {torch.__version__} CUDA {torch.version.cuda} "
         f"FA:{','.join(sorted(_FLASH)) or 'none'}", console=False)
@@ -4696,7 +4725,7 @@ class Report:
         self.data = {"run_id": cfg.run_id, "seed": cfg.seed, "data_seed": cfg.data_seed, "preset": cfg.preset,
                      "world_size": rt.world_size, "device": str(rt.device), "pytorch_version": torch.__version__,
                      "python_version": sys.version.split()[0], "config": dataclasses.asdict(cfg),
-                     "started_utc": utc_now(), "source_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+                     "started_utc": utc_now(), "source_sha256": hashlib.sha256(running_file_bytes()).hexdigest(),
                      "hardware": {"cpu_count": os.cpu_count(), "cpus_available": len(os.sched_getaffinity(0))
                                   if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                                   "torch_threads": torch.get_num_threads(), "gpu_name": rt.device_name(),
@@ -4915,8 +4944,7 @@ def write_and_account(cfg, rt, model, hessians, code, byte_counter, log, report)
     # what rebuilds the counted copy: its switch values, the unset-only paths it keeps (set in the run, so not
     # folded) and, when this run packed it, the Python that did (ast.unparse output differs between versions)
     keeps = [k for k in PACK_UNSET_ONLY if k not in code_packed_for]
-    packed_by = None if Path(__file__).read_text(encoding="utf-8").startswith(PACK_STUB_PREFIX) \
-        else "{}.{}".format(*sys.version_info[:2])
+    packed_by = None if running_is_packed() else "{}.{}".format(*sys.version_info[:2])
     report.data.update(bytes_model=model_bytes, bytes_code=code_n, bytes_total=total, artifact_path=path,
                        code_bytes_counted=code_desc, code_packed_for=code_packed_for, code_pack_keeps=keeps,
                        code_packed_by_python=packed_by)

@@ -485,6 +485,25 @@ def test_compile_warmup_uses_synthetic_tokens_and_leaves_weights_untouched(setup
     assert all(m.lora is None for m in model.modules() if isinstance(m, tg.CastedLinear))
 
 
+def test_lora_warmup_does_not_invalidate_the_eval_graph_warmed_before_it(setup, monkeypatch):
+    """run_evaluation warms the plain eval graph, then LoRA TTT's: installing and removing adapters must leave
+    the model as the first graph's guards saw it, or plain/sliding eval recompiles inside the eval budget."""
+    rt, model, _, _, _, _ = setup
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **dict(kw, backend="eager")))
+    torch._dynamo.reset()
+    model = copy.deepcopy(model)
+    rt = dataclasses.replace(rt, compile=True)
+    cfg = lora_cfg()
+    fns = tg.EvalFns(model, rt)
+    tg.warm_eval_graph(cfg, rt, fns.nll, True)
+    tg.warm_lora_graphs(cfg, rt, fns, tg.make_lora_bank(cfg, model), True)
+    warmed = tg.compiled_graph_count()
+    tg.warm_eval_graph(cfg, rt, fns.nll, True)
+    assert tg.compiled_graph_count() == warmed
+    torch._dynamo.reset()
+
+
 def test_global_pass_micro_batch_is_one_ranks_share_of_a_chunk():
     """(rows, EVAL_SEQ_LEN) micro-batches of the global SGD pass: a 32K-token chunk is 16 sequences of 2048,
     so 2 rows per rank at 8 ranks (not EVAL_BATCH_SEQS=32 rows, 30 of them padding), 16 at 1 rank."""

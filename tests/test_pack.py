@@ -235,6 +235,16 @@ print(HAVE)
     assert run_module(out)["HAVE"] is False
 
 
+def test_folding_away_the_only_yield_fails_the_pack():
+    """A generator whose only yield sits in a branch the switches rule out would become a plain function that
+    returns None: the pack stops instead; a yield that stays keeps it a generator and the pack goes on."""
+    bad = "def gen(cfg):\n    if cfg.flag:\n        yield 1\n    return\n"
+    with pytest.raises(RuntimeError, match="removed every yield of gen"):
+        tg.SwitchFolder({"flag": False}).visit(ast.parse(bad))
+    ok = "def gen(cfg):\n    if cfg.flag:\n        yield 1\n    yield 2\n"
+    assert "yield 1" not in ast.unparse(tg.SwitchFolder({"flag": False}).visit(ast.parse(ok)))
+
+
 def test_assigning_a_switch_outside_load_config_fails_the_pack():
     """Folding assumes a switch keeps its value once the config is loaded: a store to cfg.<switch> elsewhere
     stops the pack with the line number; load_config itself may set them."""
@@ -352,14 +362,18 @@ def record_copy(tmp_path_factory):
 
 
 def test_a_packed_copy_counts_its_bytes_on_disk_even_with_crlf(record_copy, tmp_path):
-    """A packed copy counts the bytes of its own file: converted to CRLF line endings (a checkout with
-    autocrlf), it counts the longer file, not the LF text Python reads."""
+    """A packed copy counts the bytes of its own file as the run first read it: converted to CRLF line endings
+    (a checkout with autocrlf), it counts the longer file, not the LF text Python reads; a later edit of the
+    file does not change the count."""
     out, _ = record_copy
     crlf = tmp_path / "train_gpt.py"
     crlf.write_bytes(out.read_bytes().replace(b"\n", b"\r\n"))
     ns = run_module(out.read_text(encoding="utf-8"), __name__="packed_crlf", __file__=str(crlf))
     counted, desc, _ = ns["code_bytes"](ns["load_config"]({}))
     assert counted == crlf.stat().st_size > out.stat().st_size and "running it" in desc
+    crlf.write_bytes(out.read_bytes())  # edited during the run: the count stays that of the code that ran
+    ns["_CODE_BYTES"].clear()
+    assert ns["code_bytes"](ns["load_config"]({}))[0] == counted
 
 
 def test_stand_ins_raise_a_config_error_naming_what_needs_them(record_copy):
