@@ -702,8 +702,10 @@ def setup_runtime(cfg):
     rt.fused_ce = resolve_fused_kernel("FUSED_CE", cfg.fused_ce, device, "chunked")
     rt.fused_mlp = resolve_fused_kernel("FUSED_MLP", cfg.fused_mlp, device, "off")
     if want_cuda and cfg.preset == "record" and cfg.attention_backend == "auto" and rt.attention_backend != "fa3":
+        why = "COMPUTE_DTYPE=fp32 rules FlashAttention out (use bf16 or auto)" \
+            if rt.compute_dtype == torch.float32 else "install FA3"
         raise ConfigError(f"PRESET=record needs FlashAttention-3 (flash_attn_interface, Hopper) for record step "
-                          f"times, but would run {rt.attention_backend}; install FA3 or set ATTENTION_BACKEND="
+                          f"times, but would run {rt.attention_backend}; {why}, or set ATTENTION_BACKEND="
                           f"{rt.attention_backend} explicitly to accept slower steps")
     if (cfg.doc_attention and rt.attention_backend in FLASH_MODULES
             and not hasattr(_FLASH[rt.attention_backend], "flash_attn_varlen_func")):
@@ -1174,7 +1176,7 @@ class SidecarByteCounter:
     def unpositioned_total(self, prev, target):
         """Total bytes (float) of text that is not at validation positions (e.g. sampled): the sidecar is
         indexed by position, so this estimates it as target.numel() x the mean bytes per validation token."""
-        return self.bytes[1:].double().mean().item() * target.numel()
+        return self.bytes[1:].sum(dtype=torch.float64).item() / max(self.bytes.numel() - 1, 1) * target.numel()
 
 
 # =============================================================================================
@@ -2698,13 +2700,14 @@ def fit_to_size(cfg, model, hessians, entries, encode, target, log, quantize=Non
 def sample_sequences(model, rt, n, length, looped, seed=0):
     """n sequences (n, length+1) sampled at temperature 1 from the model, each starting at BOS.
 
-    Every forward sees the full (n, length+1) buffer (not-yet-sampled positions hold BOS; causality keeps
-    them out of position t's logits): one shape, so fused kernels autotune once and not once per length."""
+    Every forward sees the same (n, length) prefix of the buffer (not-yet-sampled positions hold BOS;
+    causality keeps them out of position t's logits): one shape, so fused kernels autotune once and not once
+    per length, and no longer than `length` (RoPE tables as in training when length <= TRAIN_SEQ_LEN)."""
     gen = torch.Generator(device=rt.device).manual_seed(seed)
     ids = torch.full((n, length + 1), BOS_ID, dtype=torch.int64, device=rt.device)
     for t in range(length):
         with rt.autocast():
-            logits = model.logits(ids, looped)[:, t].float()
+            logits = model.logits(ids[:, :length], looped)[:, t].float()
         ids[:, t + 1] = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
     return ids
 
@@ -3363,10 +3366,6 @@ class SwitchFolder(ast.NodeTransformer):
         outer, self.function = self.function, node.name
         generator = self.yields(node)
         self.generic_visit(node)
-        self.function = outer
-        if generator and not self.yields(node):
-            raise RuntimeError(f"pack: folding removed every yield of {node.name} (line {node.lineno}), which would "
-                               f"stop being a generator; keep a yield outside the switch-dependent branch")
         stores = {}  # name -> bindings anywhere inside (parameters, imports, global/nonlocal: never candidates)
         for n in ast.walk(node):
             if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
@@ -3393,6 +3392,10 @@ class SwitchFolder(ast.NodeTransformer):
             for later in node.body[i + 1:]:
                 replace_children(later, swap)
             self.generic_visit(node)
+        self.function = outer
+        if generator and not self.yields(node):
+            raise RuntimeError(f"pack: folding removed every yield of {node.name} (line {node.lineno}), which would "
+                               f"stop being a generator; keep a yield outside the switch-dependent branch")
         return node
 
     def visit_Assign(self, node):
@@ -4328,7 +4331,9 @@ def lora_score_batch(cfg, rt, nll_fn, bank, tokens, byte_counter, looped, docs, 
         scored = real & (rel >= k * C)
         pos = torch.where(real, a_t[:, None] + rel, 0)
         x, y = torch.where(real, tokens[pos], 0), torch.where(real, tokens[pos + 1], 0)
-        with torch.set_grad_enabled(adapt), rt.autocast():
+        # grad mode on even once a budget stop ends adaptation: the warmed graph is reused (no backward runs;
+        # a no-grad variant would compile one more graph per window bucket inside the eval budget)
+        with torch.enable_grad(), rt.autocast():
             nll = nll_fn(x, y, looped).float()
         with torch.no_grad():
             sums[0] += (nll.detach().double() * scored).sum()
@@ -4490,9 +4495,9 @@ def eval_ttt_lora_phased(cfg, rt, model, lora_nll_fn, global_nll_fn, val_tokens,
 
 
 def warm_lora_graphs(cfg, rt, fns, bank, looped):
-    """Compile LoRA TTT's forward/backward (and its no-grad forward, used once a budget stop ends adaptation)
-    for every window bucket and the global pass's micro-batch, on synthetic tokens; base weights, adapters
-    (reset) and gradients are left untouched."""
+    """Compile LoRA TTT's forward/backward for every window bucket (scoring reuses it, also after a budget
+    stop) and the global pass's micro-batch, on synthetic tokens; base weights, adapters (reset) and
+    gradients are left untouched."""
     model = fns.model
     with frozen_parameters(model), bank.installed():
         for W in lora_window_buckets(cfg.lora_chunk_tokens, cfg.eval_seq_len):
@@ -4500,8 +4505,6 @@ def warm_lora_graphs(cfg, rt, fns, bank, looped):
             with rt.autocast():
                 loss = fns.lora_nll(x, torch.zeros_like(x), looped).sum()
             loss.backward()
-            with torch.no_grad(), rt.autocast():  # the graph scoring uses after a budget stop ends adaptation
-                fns.lora_nll(x, torch.zeros_like(x), looped)
     x = torch.zeros(global_micro_rows(cfg, rt), cfg.eval_seq_len, dtype=torch.int64, device=rt.device)
     with rt.autocast():
         loss = fns.global_nll(x, torch.zeros_like(x), looped).float().sum()
@@ -5089,6 +5092,7 @@ def shutdown(rt, code):
 def main(argv=None):
     """Entry point: `pack` subcommand, or a full run configured by env vars (see README)."""
     argv = sys.argv[1:] if argv is None else argv
+    running_file_bytes()  # the code this run describes (sha, summary, code bytes) is the file as it starts
     if argv and argv[0] == "pack":
         try:
             pack_command(argv[1:])

@@ -74,19 +74,22 @@ def slow_export_check(cfg, rt):
 
 
 def skewed_clock_check(cfg, rt):
-    """Rank 1's training clock reads 20 s ahead of rank 0's (a skewed or slower host) under a wallclock cap:
-    the LR schedule, looping and SWA must follow one clock, so the trained weights are bit-identical."""
-    if rt.rank == 1:
-        real_ms = tg.TrainClock.ms
-        tg.TrainClock.ms = lambda self: real_ms(self) + 20000.0
+    """Rank CLOCK_SKEW_RANK's training clock (default rank 1's) reads CLOCK_SKEW_MS (default 20 s) ahead (a
+    skewed or slower host) under a wallclock cap: the LR schedule, looping and SWA must follow one clock, rank
+    0's, so the trained weights are bit-identical; reports the step looping switched on at."""
+    import os
+    if rt.rank == int(os.environ.get("CLOCK_SKEW_RANK", "1")):
+        real_ms, skew = tg.TrainClock.ms, float(os.environ.get("CLOCK_SKEW_MS", "20000"))
+        tg.TrainClock.ms = lambda self: real_ms(self) + skew
     quiet = lambda *a, **k: None
     model = tg.build_model(cfg, rt)
     train_glob, _, _, counter, val = tg.prepare_data(cfg, rt, quiet)
     stats = tg.train_model(cfg, rt, model, tg.resolve_files(train_glob, "train"), val, counter, quiet)
     mine = digest(model)
     lo, hi = mine.clone(), mine.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if rt.distributed:
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     report(rt.rank, f"SKEW rank={rt.rank} identical={lo.item() == hi.item()} steps={stats['steps']} "
                     f"loop_step={stats['loop_enabled_step']}")
 
@@ -149,4 +152,5 @@ if __name__ == "__main__":
     runtime = tg.setup_runtime(config)
     {"muon": muon_check, "fail": fail_check, "slow_export": slow_export_check,
      "skewed_clock": skewed_clock_check, "late_data": late_data_check}[sys.argv[1]](config, runtime)
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()

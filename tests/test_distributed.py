@@ -137,6 +137,18 @@ def test_ranks_follow_one_clock_under_a_wallclock_cap(dist_data, tmp_path):
                      ["rank=1", "identical=True", "steps=8", "loop_step=4"]]
 
 
+def test_the_schedule_follows_the_training_clock_under_a_cap(dist_data, tmp_path):
+    """One rank whose clock reads 30 s ahead on a 60 s cap: the training fraction is time-based, so looping
+    (ENABLE_LOOPING_AT=0.5) switches on at step 2, the first step with a settled clock reading, where the
+    step count alone (8 iterations) would give step 4."""
+    env = dict(TINY_RUN, **dist_data, ITERATIONS=8, MAX_WALLCLOCK_SECONDS=60, GPTQ_RESERVE_SECONDS=0,
+               WARMDOWN_FRAC=1.0, CLOCK_SKEW_RANK=0, CLOCK_SKEW_MS=30000)
+    proc = run_script(env, tmp_path, script=ROOT / "tests" / "dist_worker.py", args=["skewed_clock"], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert rank_results(tmp_path, "SKEW", nproc=1)[0].split()[1:] == ["rank=0", "identical=True", "steps=8",
+                                                                      "loop_step=2"]
+
+
 def test_ranks_agree_on_building_the_smoke_data(dist_data, tmp_path):
     """Rank 0 sees the smoke data missing and builds it (nothing to write: it exists), rank 1 looks later and
     sees it: the decision to build and wait is taken once for all ranks, so no rank skips the barrier (which

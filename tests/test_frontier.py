@@ -324,5 +324,6 @@ def test_frontier_packed_copy_runs_exactly_like_the_source(frontier_run, tmp_pat
     assert summary["bytes_code"] == printed == os.path.getsize(out)
     assert summary["code_packed_for"] == tg.pack_switches(tg.load_config(
         {k: str(v) for k, v in env.items() if k.lower() in tg.PACK_SWITCHES or k == "PRESET"}))
-    assert summary["code_pack_keeps"] == [k for k in tg.PACK_UNSET_ONLY if k not in summary["code_packed_for"]]
+    assert summary["code_pack_keeps"] == []  # neither EXPORT_FROM nor FLOAT_CHECKPOINT set: both folded away
+    assert summary["code_packed_for"]["float_checkpoint"] == summary["code_packed_for"]["export_from"] == ""
     assert summary["code_packed_by_python"] == "{}.{}".format(*sys.version_info[:2])  # the source run packed it
