@@ -3484,11 +3484,11 @@ def prune_unreferenced(tree):
                 live_names |= names_in([stmt])
                 changed = True
     dead = {id(s) for s, _ in candidates} - live
-    for t in containers:  # an import in a try whose other code stays is a probe: its failure picks the branch
-        parts = [t.body, t.orelse, getattr(t, "finalbody", [])] + [h.body for h in getattr(t, "handlers", [])]
-        stays = [s for b in parts for s in b if id(s) not in dead and not isinstance(s, (ast.Import, ast.ImportFrom))]
-        if isinstance(t, ast.Try) and stays:
-            dead -= {id(s) for s in t.body if isinstance(s, (ast.Import, ast.ImportFrom))}
+    is_import = lambda s: isinstance(s, (ast.Import, ast.ImportFrom))
+    for t in (c for c in containers if isinstance(c, ast.Try)):  # an import in a try whose other code stays is
+        parts = [t.body, t.orelse, t.finalbody] + [h.body for h in t.handlers]  # a probe: its failure decides
+        if any(id(s) not in dead and not is_import(s) for b in parts for s in b):
+            dead -= {id(s) for s in t.body if is_import(s)}
     for block in blocks:
         block[:] = [s for s in block if id(s) not in dead]
     tree.body = [s for s in tree.body if not (isinstance(s, ast.If) and not s.body and not s.orelse
@@ -3613,22 +3613,18 @@ class LocalRenamer:
         return bound, params, fixed
 
     def own_nodes(self, body):
-        """Every node of `body` that belongs to this scope (nested scopes' insides excluded, their
-        defining nodes and default values included)."""
+        """Every node of `body` that belongs to this scope (nested scopes' insides excluded, their defining
+        nodes and what this scope evaluates of them included: evaluated_outside, a class's bases/decorators)."""
         ast = self.ast
         stack = list(body)
         while stack:
             node = stack.pop()
             yield node
             if self.scope_name(node):
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                    stack += node.args.defaults + [d for d in node.args.kw_defaults if d]
-                    if not isinstance(node, ast.Lambda):
-                        stack += node.decorator_list
-                elif isinstance(node, ast.ClassDef):
+                if isinstance(node, ast.ClassDef):
                     stack += node.bases + node.decorator_list
                 else:
-                    stack.append(node.generators[0].iter)
+                    stack += self.evaluated_outside(node)
                 continue
             stack.extend(ast.iter_child_nodes(node))
 
@@ -3868,7 +3864,7 @@ def describe_switches(switches):
     return ", ".join(f"{k.upper()}={spell(v)}" for k, v in switches.items())
 
 
-_CODE_BYTES = {}  # (source text, switches) -> code_bytes() result: packing takes seconds, so once per process
+_CODE_BYTES = {}  # switch values -> code_bytes() result: packing takes seconds, so once per process
 _RUNNING_FILE = []  # this file's bytes as first read by this process
 
 
@@ -3880,31 +3876,35 @@ def running_file_bytes():
     return _RUNNING_FILE[0]
 
 
+def running_source():
+    """The text Python compiled from running_file_bytes() (CRLF read as LF)."""
+    return running_file_bytes().decode("utf-8").replace("\r\n", "\n")
+
+
 def running_is_packed():
     """True when this process runs a packed copy (its file is the self-extracting stub)."""
-    return running_file_bytes().replace(b"\r\n", b"\n").startswith(PACK_STUB_PREFIX.encode("utf-8"))
+    return running_source().startswith(PACK_STUB_PREFIX)
 
 
 def code_bytes(cfg):
     """(bytes counted for code, description, switch values they were counted for): the running file and its
     own PACKED if it is a packed copy, else the size of its copy packed for `cfg` (what `python3 train_gpt.py
     pack` writes with the same settings) and pack_switches(cfg)."""
-    running = running_file_bytes().decode("utf-8").replace("\r\n", "\n")  # the text Python compiled
     switches = pack_switches(cfg)
-    key = (running, json.dumps(switches, sort_keys=True))
+    key = json.dumps(switches, sort_keys=True)
     if key not in _CODE_BYTES:
-        _CODE_BYTES[key] = _count_code_bytes(running, switches)
+        _CODE_BYTES[key] = _count_code_bytes(switches)
     return _CODE_BYTES[key]
 
 
-def _count_code_bytes(running, switches):
+def _count_code_bytes(switches):
     """code_bytes() without the cache."""
     if running_is_packed():  # the bytes on disk (a CRLF checkout counts its CRs)
         return len(running_file_bytes()), f"packed file {Path(__file__).name} (running it)", dict(PACKED)
-    packed = len(pack_source(running, switches).encode("utf-8"))
+    packed = len(pack_source(running_source(), switches).encode("utf-8"))
     return packed, (f"packed self-extracting copy of {Path(__file__).name} for {describe_switches(switches)} "
                     f"(python3 train_gpt.py pack with these settings; readable source is "
-                    f"{len(running.encode('utf-8'))} bytes)"), switches
+                    f"{len(running_file_bytes())} bytes)"), switches
 
 
 PREFLIGHT_ESTIMATE_ERROR = 0.01  # the entropy estimate is within ~1% of the record's real size
@@ -5046,10 +5046,10 @@ def pack_command(argv):
     the switch values of the configuration the environment selects (the run's PRESET and overrides)."""
     out = Path(argv[0]) if argv else Path("dist") / "train_gpt.py"
     switches = pack_switches(load_config())
-    packed = pack_source(Path(__file__).read_text(encoding="utf-8"), switches)
+    packed = pack_source(running_source(), switches)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(packed, encoding="utf-8")
-    print(f"wrote {out}: {len(packed.encode('utf-8'))} bytes (source {Path(__file__).stat().st_size} bytes) "
+    print(f"wrote {out}: {len(packed.encode('utf-8'))} bytes (source {len(running_file_bytes())} bytes) "
           f"for {describe_switches(switches)}")
 
 

@@ -24,6 +24,15 @@ def digest(model):
     return torch.tensor(int(tg.state_checksum(model)[:15], 16), dtype=torch.int64)
 
 
+def same_on_all_ranks(model, rt):
+    """True if every rank holds bit-identical weights (MIN and MAX of the digests agree)."""
+    lo, hi = digest(model), digest(model)
+    if rt.distributed:
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return lo.item() == hi.item()
+
+
 def muon_check(cfg, rt):
     """Train a few steps; after each, every rank must hold bit-identical weights; owners hold momentum."""
     train_glob, _, _ = tg.data_paths(cfg)
@@ -33,11 +42,7 @@ def muon_check(cfg, rt):
     start = tg.state_checksum(model)
     for step in range(6):
         trainer.step(loader.next_batch(), step, 1.0, looped=step >= 3)
-        mine = digest(model)
-        lo, hi = mine.clone(), mine.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        if lo.item() != hi.item():
+        if not same_on_all_ranks(model, rt):
             raise SystemExit(f"rank {rt.rank}: weights differ across ranks after step {step + 1}")
     muon = trainer.optimizers[1]
     owned = sum(1 for p in muon.param_groups[0]["params"] if "momentum_buffer" in muon.state[p])
@@ -85,12 +90,7 @@ def skewed_clock_check(cfg, rt):
     model = tg.build_model(cfg, rt)
     train_glob, _, _, counter, val = tg.prepare_data(cfg, rt, quiet)
     stats = tg.train_model(cfg, rt, model, tg.resolve_files(train_glob, "train"), val, counter, quiet)
-    mine = digest(model)
-    lo, hi = mine.clone(), mine.clone()
-    if rt.distributed:
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    report(rt.rank, f"SKEW rank={rt.rank} identical={lo.item() == hi.item()} steps={stats['steps']} "
+    report(rt.rank, f"SKEW rank={rt.rank} identical={same_on_all_ranks(model, rt)} steps={stats['steps']} "
                     f"loop_step={stats['loop_enabled_step']}")
 
 
