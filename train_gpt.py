@@ -758,6 +758,12 @@ def max_over_ranks(value, rt, group=None):
     return buf.item()
 
 
+def barrier(rt):
+    """Synchronise all ranks (no-op on one process)."""
+    if rt.distributed:
+        dist.barrier()
+
+
 def any_rank(flag, rt, group=None):
     """True if `flag` is true on any rank (see max_over_ranks for `group`)."""
     return max_over_ranks(float(flag), rt, group) > 0
@@ -4475,7 +4481,7 @@ def eval_ttt_lora_phased(cfg, rt, model, lora_nll_fn, global_nll_fn, val_tokens,
                              + global_s_per_pos * sum(future_global[p:]))
                 if any_rank(projected > cfg.eval_budget_seconds, rt):
                     adapt = False
-                    log(f"ttt_lora:budget_stop after batch {done}/{len(work)}: projected eval total {projected:.0f}s"
+                    log(f"ttt_lora:budget_stop after batch {done}/{len(work)} of each rank: projected eval total {projected:.0f}s"
                         f" > EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:g}; the remaining documents are scored "
                         f"with fresh adapters, no more updates")
         if p < len(plans) - 1 and adapt and cfg.ttt_global_epochs > 0:
@@ -4569,10 +4575,14 @@ def run_evaluation(cfg, rt, artifact_path, val_tokens, byte_counter, log, report
     timings = report.setdefault("eval_seconds", {})
 
     def stage(name, fn):
+        # all ranks start and end each stage together: a rank with less work (no TTT sequence to compile, say)
+        # must not move its peers' time into the next stage
         rt.sync()
+        barrier(rt)
         t = time.perf_counter()
         out = fn()
         rt.sync()
+        barrier(rt)
         timings[name] = round(time.perf_counter() - t, 3)
         return out
 
@@ -4625,11 +4635,12 @@ def run_evaluation(cfg, rt, artifact_path, val_tokens, byte_counter, log, report
         report["legality"] = check_legality(ledger, rt, log, "ttt")
     elif "legality_sliding" in report:
         report["legality"] = report["legality_sliding"]
-    report["eval_graphs_compiled"] = compiled_graph_count() - graphs0
-    report["eval_recompiles_after_warmup"] = compiled_graph_count() - graphs_warm
+    # the most any rank compiled: ranks with different work (an empty TTT share) compile different graphs
+    report["eval_graphs_compiled"] = int(max_over_ranks(compiled_graph_count() - graphs0, rt))
+    report["eval_recompiles_after_warmup"] = int(max_over_ranks(compiled_graph_count() - graphs_warm, rt))
     if rt.compile:
-        log(f"compile:eval graphs warmed {graphs_warm - graphs0}, compiled after warmup "
-            f"{report['eval_recompiles_after_warmup']}")
+        log(f"compile:eval graphs warmed {int(max_over_ranks(graphs_warm - graphs0, rt))}, compiled after warmup "
+            f"{report['eval_recompiles_after_warmup']} (most on any rank)")
     timings["total_from_artifact_load"] = round(time.perf_counter() - eval_t0, 3)
     log(f"eval:total {timings['total_from_artifact_load']:.1f}s from artifact load (budget "
         f"{cfg.eval_budget_seconds:g}s) stages:{json.dumps({k: v for k, v in timings.items()})}")
@@ -4789,12 +4800,6 @@ def write_run_plot(summary, png_path):
 # =============================================================================================
 # MAIN
 # =============================================================================================
-
-
-def barrier(rt):
-    """Synchronise all ranks (no-op on one process)."""
-    if rt.distributed:
-        dist.barrier()
 
 
 # Scored validation tokens of the canonical FineWeb val split, by (vocab, EVAL_SEQ_LEN), from record logs.

@@ -121,6 +121,9 @@ def test_other_ranks_outwait_a_slow_export(dist_data, tmp_path):
                                                                               ["rank=1", "code=0"]]
     log = read_log(tmp_path, "slow")
     assert re.search(r"dist_timeout:8s export_wait:1800s", log) and re.search(r"^quantized val_loss:", log, re.M)
+    # rank 1 built its eval model 3 s late: every stage ends on all ranks, so load_artifact holds those 3 s
+    stages = json.loads((tmp_path / "logs" / "slow.summary.json").read_text())["eval_seconds"]
+    assert stages["load_artifact"] >= 3.0 and stages["quantized"] < 3.0, stages
 
 
 def test_ranks_follow_one_clock_under_a_wallclock_cap(dist_data, tmp_path):
