@@ -250,7 +250,7 @@ MINIGOLF_PRESET = dict(
     # TTT_MODE=lora_phased at CPU size (~30 val documents); the preset keeps the record's SGD TTT
     lora_rank=8, lora_chunk_tokens=32, lora_batch_docs=8, ttt_phase_docs="8,16", ttt_global_chunk_tokens=8192,
 )
-# The leading entry's values (1.0611, PR #1855; LEADER_STACK.md) where they differ from the record, and its
+# The leading entry's values (1.0611, PR #1855) where they differ from the record, and its
 # techniques switched on. GPTQ_CALIBRATION_BATCHES counts global batches summed over ranks: 2 = its 16
 # rank-0 batches of 48 sequences.
 FRONTIER_PRESET = dict(

@@ -76,6 +76,8 @@ def other_compressors(data):
 
 
 def main():
+    import argparse
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # no options: --help only
     tg = load_train_gpt(ROOT / "train_gpt.py")
     source = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
     switches = tg.pack_switches(tg.load_config({}))

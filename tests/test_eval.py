@@ -1,6 +1,6 @@
 """Tests of the EVALUATION section of train_gpt.py: sliding windows scored exactly once, the legality
 ledger, causality of sliding and score-first TTT, the TTT budget guard and eval-only reproduction
-(RECORD_STACK §1.3, §8, §9)."""
+(the challenge's scoring rules and the record's evaluation)."""
 import copy
 import dataclasses
 import math

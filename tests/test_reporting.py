@@ -25,10 +25,10 @@ def test_long_stages_report_progress_on_the_console_only(tiny_run):
 
 def test_run_writes_a_curves_png_next_to_its_log(tiny_run):
     """A valid PNG with the run's curves: four panels whose train-loss line has one point per step."""
+    mpimg = pytest.importorskip("matplotlib.image")  # optional at run time (the test below covers its absence)
     png = tiny_run["dir"] / "tiny_source.png"
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    import matplotlib.image as mpimg
     img = mpimg.imread(str(png))
     assert img.shape[0] > 300 and img.shape[1] > 500
     assert re.search(rf"^plot: {re.escape(str(png))}$", tiny_run["log"], re.M)

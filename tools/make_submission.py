@@ -35,7 +35,7 @@ TRAIN_LIMIT_MS = 600_000
 EVAL_LIMIT_S = 600.0
 SIZE_LIMIT_BYTES = 16_000_000
 RECORD_MIN_SEEDS = 3
-# RECORD_STACK §1.4: a record must beat SOTA by >= 0.005 nats/token at p < 0.01; for sp8192 that is ~0.00194 BPB.
+# Challenge rule: a record must beat SOTA by >= 0.005 nats/token at p < 0.01; for sp8192 that is ~0.00194 BPB.
 THRESHOLD_NATS = 0.005
 THRESHOLD_BPB_SP8192 = 0.00194
 BPB_PER_NAT_SP8192 = 0.38713
@@ -360,7 +360,7 @@ def compliance(summaries):
 
 
 def significance(summaries, metric, val_bpb, val_bpb_std, base_bpb, base_std, base_n):
-    """Welch test vs the baseline plus the BPB delta against the record margin (RECORD_STACK §1.4)."""
+    """Welch test vs the baseline plus the BPB delta against the record margin (the challenge's rule)."""
     n = len(summaries)
     if val_bpb_std is None:
         raise SubmissionError("a t-test needs at least 2 seeds")
