@@ -4481,8 +4481,8 @@ def eval_ttt_lora_phased(cfg, rt, model, lora_nll_fn, global_nll_fn, val_tokens,
                              + global_s_per_pos * sum(future_global[p:]))
                 if any_rank(projected > cfg.eval_budget_seconds, rt):
                     adapt = False
-                    log(f"ttt_lora:budget_stop after batch {done}/{len(work)} of each rank: projected eval total {projected:.0f}s"
-                        f" > EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:g}; the remaining documents are scored "
+                    log(f"ttt_lora:budget_stop after batch {done}/{len(work)} of each rank: projected eval total "
+                        f"{projected:.0f}s > EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:g}; the remaining documents are scored "
                         f"with fresh adapters, no more updates")
         if p < len(plans) - 1 and adapt and cfg.ttt_global_epochs > 0:
             end, t = global_pass_end(starts, ends, bounds, p), time.perf_counter()
@@ -4636,11 +4636,13 @@ def run_evaluation(cfg, rt, artifact_path, val_tokens, byte_counter, log, report
     elif "legality_sliding" in report:
         report["legality"] = report["legality_sliding"]
     # the most any rank compiled: ranks with different work (an empty TTT share) compile different graphs
-    report["eval_graphs_compiled"] = int(max_over_ranks(compiled_graph_count() - graphs0, rt))
-    report["eval_recompiles_after_warmup"] = int(max_over_ranks(compiled_graph_count() - graphs_warm, rt))
+    graphs_end = compiled_graph_count()
+    warmed = int(max_over_ranks(graphs_warm - graphs0, rt))
+    report["eval_graphs_compiled"] = int(max_over_ranks(graphs_end - graphs0, rt))
+    report["eval_recompiles_after_warmup"] = int(max_over_ranks(graphs_end - graphs_warm, rt))
     if rt.compile:
-        log(f"compile:eval graphs warmed {int(max_over_ranks(graphs_warm - graphs0, rt))}, compiled after warmup "
-            f"{report['eval_recompiles_after_warmup']} (most on any rank)")
+        log(f"compile:eval graphs warmed {warmed}, compiled after warmup {report['eval_recompiles_after_warmup']} "
+            f"(most on any rank)")
     timings["total_from_artifact_load"] = round(time.perf_counter() - eval_t0, 3)
     log(f"eval:total {timings['total_from_artifact_load']:.1f}s from artifact load (budget "
         f"{cfg.eval_budget_seconds:g}s) stages:{json.dumps({k: v for k, v in timings.items()})}")
